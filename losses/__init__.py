@@ -1,0 +1,66 @@
+"""The loss repository whose weights the LLM agent adjusts.
+
+LOSSES maps the display name used in prompts and configs to a loss class. Every loss is an
+nn.Module with forward(restored, gt) -> scalar, both images [B, 3, H, W] in [0, 1].
+Adding a loss = one class + one entry here. Its constructor's keyword arguments are its options,
+and a classmethod `weight_files(**options)` may list the files it loads (see required_files).
+"""
+
+import inspect
+
+from torch import nn
+
+from losses.gan import GANLoss
+from losses.lpips_loss import LPIPSLoss
+from losses.perceptual import PerceptualLoss
+from losses.pixel import CharbonnierLoss, FFTLoss, L1Loss, MSELoss, SSIMLoss
+from losses.sharpen import usm_sharp
+
+LOSSES = {
+    "L1": L1Loss,
+    "MSE": MSELoss,
+    "Charbonnier": CharbonnierLoss,
+    "SSIM": SSIMLoss,
+    "Perceptual": PerceptualLoss,
+    "LPIPS": LPIPSLoss,
+    "GAN": GANLoss,
+    "FFT": FFTLoss,
+}
+
+
+def accepted_options(name: str) -> list[str]:
+    """The option names (constructor keyword arguments) of loss `name`."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss '{name}'; known losses: {', '.join(LOSSES)}")
+    params = inspect.signature(LOSSES[name]).parameters.values()
+    # A loss without its own __init__ shows nn.Module's (*args, **kwargs): those are not options.
+    return [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+
+
+def _check_options(name: str, options: dict) -> None:
+    accepted = accepted_options(name)
+    bad = sorted(set(options) - set(accepted))
+    if bad:
+        raise ValueError(f"bad option(s) {', '.join(bad)} for loss '{name}'; accepted options: {', '.join(accepted) or '(none)'}")
+
+
+def build_loss_repository(names: list[str], options: dict[str, dict] | None = None) -> nn.ModuleDict:
+    """Build the losses `names` (in that order) with options[name] as each one's keyword arguments."""
+    options = options or {}
+    if len(set(names)) != len(names):
+        raise ValueError(f"loss repository lists a loss twice: {names}")
+    # Check every name and option before building anything: a typo should not cost a VGG load first.
+    for name in list(names) + [n for n in options if n not in names]:
+        _check_options(name, options.get(name, {}))
+    return nn.ModuleDict({name: LOSSES[name](**options.get(name, {})) for name in names})
+
+
+def required_files(name: str, options: dict | None = None) -> list[tuple[str, str]]:
+    """[(path, download url)] of the weight files loss `name` would load with `options`, without building it."""
+    options = options or {}
+    _check_options(name, options)
+    weight_files = getattr(LOSSES[name], "weight_files", None)
+    return weight_files(**options) if weight_files else []
+
+
+__all__ = ["LOSSES", "accepted_options", "build_loss_repository", "required_files", "usm_sharp"]

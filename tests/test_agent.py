@@ -1,0 +1,323 @@
+"""Unit tests of the agent side of lossagent.py: parser, proposal averaging, prompt, config, OpenAI client."""
+import json
+import math
+import re
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import lossagent
+from lossagent import (AgentConfig, AgentError, Config, ConfigError, OpenAIAgent, average_proposals, build_messages,
+                       load_config, parse_weights, to_toml)
+
+ROOT = Path(__file__).resolve().parents[1]
+NAMES = ["L1", "Perceptual", "GAN"]
+
+# Replies of the shapes real LLMs write, with the weights the parser must read (None: no valid proposal).
+REPLIES = [
+    ("Weights: L1:Perceptual:GAN=0.7:0.3:0.05\nThoughts: the GAN term helps NIQE.", [0.7, 0.3, 0.05]),
+    ("Weights: L1:Perceptual:GAN = 0.7 : 0.3 : 0.05", [0.7, 0.3, 0.05]),
+    ("**Weights:** L1:Perceptual:GAN=0.8:0.2:0.1\n**Thoughts:** more L1.", [0.8, 0.2, 0.1]),
+    ("weights: l1:perceptual:gan=1e-1:2E-2:3.5e-3", [0.1, 0.02, 0.0035]),
+    ("WEIGHTS: L1:PERCEPTUAL:GAN=1:0.1:0.01", [1.0, 0.1, 0.01]),
+    ("Sure! Based on the history I suggest:\n\nWeights: L1:Perceptual:GAN=0.6:0.25:0.02\nThoughts: NIQE fell.",
+     [0.6, 0.25, 0.02]),
+    ("Weights: Perceptual:L1:GAN=0.3:0.7:0.05", [0.7, 0.3, 0.05]),
+    ("Weights: 0.5:0.4:0.1", [0.5, 0.4, 0.1]),
+    ("L1=0.9, Perceptual=0.2, GAN=0.03", [0.9, 0.2, 0.03]),
+    ("Weights: L1: 0.7, Perceptual: 0.3, GAN: 0.05", [0.7, 0.3, 0.05]),
+    ("`Weights: L1:Perceptual:GAN=0.7:0.3:0.05`", [0.7, 0.3, 0.05]),
+    ("```\nWeights: L1:Perceptual:GAN=0.4:0.4:0.2\nThoughts: balance\n```", [0.4, 0.4, 0.2]),
+    ("Weights: L1:Perceptual:GAN=.7:.3:.05", [0.7, 0.3, 0.05]),
+    ("Weights: L1:Perceptual:GAN=0.7:0.3:0.05.", [0.7, 0.3, 0.05]),
+    ("Weights: L1:Perceptual:GAN=+0.7:+0.3:+0.05", [0.7, 0.3, 0.05]),
+    ("Weights: L1:Perceptual:GAN=1:0:0.05", [1.0, 0.0, 0.05]),
+    ("Previously L1:Perceptual:GAN=1:0.1:0.01 was used.\nWeights: L1:Perceptual:GAN=0.6:0.2:0.02", [0.6, 0.2, 0.02]),
+    ("Weights: L1:Perceptual:GAN=0.7:0.3:0.05 or maybe L1:Perceptual:GAN=0.1:0.1:0.1", [0.7, 0.3, 0.05]),
+    ("Thoughts: keep L1 high.\nWeights: L1:Perceptual:GAN=0.9:0.1:0.01", [0.9, 0.1, 0.01]),
+    ("> Weights: L1:Perceptual:GAN=0.7:0.3:0.05", [0.7, 0.3, 0.05]),
+    ("### Weights\nL1:Perceptual:GAN=0.55:0.35:0.04", [0.55, 0.35, 0.04]),
+    ("Weights:L1:Perceptual:GAN=0.7:0.3:0.05Thoughts:x", [0.7, 0.3, 0.05]),
+    ("Weights: L1:Perceptual:GAN=7e-1:3e-1:5e-2", [0.7, 0.3, 0.05]),
+    # No valid proposal.
+    ("Weights: L1:Perceptual:GAN=0.7:0.3", None),
+    ("Weights: L1:Perceptual:GAN=0.7:0.3:0.05:0.2", None),
+    ("Weights: L1:Perceptual:GAN=0.7:-0.3:0.05", None),
+    ("Weights: L1:Perceptual:GAN=nan:0.3:0.05", None),
+    ("Weights: L1:Perceptual:GAN=inf:0.3:0.05", None),
+    ("Weights: L1:Perceptual:GAN=1000:0.3:0.05", None),
+    ("Weights: L1:Perceptual:GAN=0:0:0", None),
+    ("I think we should increase the L1 weight and lower the GAN weight.", None),
+    ("", None),
+    ("Weights: L1:SSIM:GAN=0.7:0.3:0.05", None),
+    ("Weights: L1:Perceptual:GAN=a:b:c", None),
+    ("Weights: L1:L1:GAN=0.7:0.3:0.05", None),
+    ("L1=0.9, GAN=0.03", None),
+    ("This is a case of the \"L1-Perceptual:GAN:L1-Perceptual:GAN:L1-Perceptual:GAN:L", None),
+    ("Stage 2: L1:Perceptual:GAN=1.1:0.01, PSNR=24.5", None),
+]
+
+
+def test_parser_has_many_real_world_shapes():
+    assert len(REPLIES) >= 30
+
+
+@pytest.mark.parametrize("reply,expected", REPLIES)
+def test_parse_weights(reply, expected):
+    got = parse_weights(reply, NAMES)
+    if expected is None:
+        assert got is None
+    else:
+        assert got == pytest.approx(expected)
+
+
+def test_parse_weights_respects_configured_bounds():
+    assert parse_weights("Weights: L1:Perceptual:GAN=5:1:1", NAMES, max_weight=4) is None
+    assert parse_weights("Weights: L1:Perceptual:GAN=0.05:1:1", NAMES, min_weight=0.1) is None
+    assert parse_weights("Weights: L1:Perceptual:GAN=5:1:1", NAMES, max_weight=5) == [5, 1, 1]
+
+
+def test_parse_weights_never_evaluates_code():
+    assert parse_weights("Weights: L1:Perceptual:GAN=__import__('os').getpid():1:1", NAMES) is None
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.text(alphabet=st.sampled_from(list("L1PerceptualGANWeights:=.-+e0123456789 \n*_nafi,")), max_size=120)
+       | st.text(max_size=200))
+def test_parse_weights_never_raises_nor_returns_invalid(text):
+    got = parse_weights(text, NAMES, 0.0, 10.0)
+    if got is not None:
+        assert len(got) == 3
+        assert all(math.isfinite(w) and 0.0 <= w <= 10.0 for w in got)
+        assert any(w > 0 for w in got)
+
+
+def test_average_proposals():
+    assert average_proposals([[1.0, 0.2, 0.0], [0.5, 0.4, 0.1]]) == pytest.approx([0.75, 0.3, 0.05])
+    assert average_proposals([[0.3, 0.3]]) == [0.3, 0.3]
+
+
+def history(stages):
+    """A run's history: per-image PSNR for 2 images and mean, as run() records it."""
+    return [{"stage": s, "iteration": 10 * s, "weights": {"L1": 1.0 - 0.1 * s, "Perceptual": 0.1, "GAN": 0.01},
+             "scores": {"PSNR": {"per_image": [20.0 + s, 30.0 + s], "mean": 25.0 + s},
+                        "NIQE": {"per_image": [6.0 - s, 5.0 - s], "mean": 5.5 - s}}}
+            for s in range(stages + 1)]
+
+
+def prompt(image=None, experts=(("PSNR", False, "PSNR, fidelity"),), **agent):
+    cfg = Config()
+    cfg.losses.names = NAMES
+    cfg.feedback.count = 2
+    for k, v in agent.items():
+        setattr(cfg.agent, k, v)
+    system, user = build_messages(cfg, NAMES, list(experts), history(3), image)
+    assert system["role"] == "system" and user["role"] == "user"
+    return system["content"], user["content"]
+
+
+def test_prompt_direction_sentence_only_when_enabled():
+    system, user = prompt()
+    assert "A higher PSNR score is better." in system
+    assert "make PSNR higher" in user
+    system, user = prompt(direction_sentence=False)
+    assert "better." not in system.replace("best possible", "")
+    assert "higher" not in system + user and "lower" not in system + user
+
+
+def test_prompt_full_and_last_two_history():
+    _, full = prompt()
+    assert "Before training (initial weights L1:Perceptual:GAN=1:0.1:0.01)" in full
+    assert all(f"Stage {s} (trained with" in full for s in (1, 2, 3))
+    _, last2 = prompt(history="last2")
+    assert "Before training" not in last2 and "Stage 1 (" not in last2
+    assert "Stage 2 (trained with weights L1:Perceptual:GAN=0.8:0.1:0.01)" in last2 and "Stage 3 (" in last2
+
+
+def test_prompt_per_image_scores_versus_mean():
+    _, image1 = prompt(image=1)
+    assert "PSNR = 33" in image1 and "PSNR = 28" not in image1
+    _, pooled = prompt()
+    assert "PSNR = 28" in pooled and "PSNR = 33" not in pooled
+
+
+def test_prompt_format_example_switch():
+    _, user = prompt()
+    assert "Example:\nWeights: L1:Perceptual:GAN=0.7:0.3:0.05" in user
+    assert "'Weights: L1:Perceptual:GAN='" in user
+    _, user = prompt(format_example=False)
+    assert "Example" not in user and "'Weights: L1:Perceptual:GAN='" in user
+    assert "small random change" in user
+
+
+def test_prompt_each_expert_once_per_stage():
+    experts = (("PSNR", False, "PSNR, fidelity"), ("NIQE", True, "NIQE, naturalness"))
+    system, user = prompt(experts=experts)
+    assert system.count("A lower NIQE score is better.") == 1 and system.count("A higher PSNR score is better.") == 1
+    assert user.count("NIQE = ") == 4 and user.count("PSNR = ") == 4
+    assert "make PSNR higher and NIQE lower" in user
+
+
+def test_example_reply_of_the_prompt_parses():
+    _, user = prompt()
+    example = user.split("Example:\n")[1]
+    assert parse_weights(example, NAMES) == [0.7, 0.3, 0.05]
+
+
+def write(tmp_path, text, name="c.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_config_include_and_overrides(tmp_path):
+    base = write(tmp_path, "[train]\nstages = 5\nlr = 1e-4\n[agent]\nbackend = 'fixed'\n", "base.toml")
+    child = write(tmp_path, f"include = '{base.name}'\n[train]\nstages = 2\n")
+    cfg = load_config(child, ["train.lr=0.001", "agent.history=last2", "model.args.embed_dim=60", "train.iters_per_stage=3"])
+    assert (cfg.train.stages, cfg.train.lr, cfg.agent.history, cfg.agent.backend) == (2, 0.001, "last2", "fixed")
+    assert cfg.model.args == {"embed_dim": 60} and cfg.train.iters_per_stage == 3
+    assert cfg.output.name == "c"
+    cfg = load_config(child, ["experts.0.metric=niqe", "train.lr=1"])  # an int where a float is expected
+    assert cfg.experts[0].metric == "niqe" and cfg.train.lr == 1.0
+
+
+@pytest.mark.parametrize("override,message", [
+    ("train.stagez=3", "unknown key 'train.stagez'; valid keys of [train]: stages, iters_per_stage"),
+    ("train.stages=three", "train.stages must be int, got 'three'"),
+    ("train.stages=2.5", "train.stages must be int"),
+    ("agent.per_image=1", "agent.per_image must be bool"),
+    ("agent.backend=gpt", "agent.backend = 'gpt' is not one of: transformers, openai, fixed"),
+    ("trainer.stages=3", "expected section.key with section one of: task, model"),
+    ("losses.weights=[1.0]", "must be non-empty lists of the same length"),
+    ("losses.weights=[1.0, 0.1, 50.0]", "outside [losses.min_weight, losses.max_weight]"),
+])
+def test_config_errors(tmp_path, override, message):
+    path = write(tmp_path, "[agent]\nbackend = 'fixed'\n")
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(path, [override])
+
+
+def test_bad_config_exits_2_listing_valid_keys(tmp_path):
+    path = write(tmp_path, "[train]\nstagez = 3\n")
+    result = subprocess.run([sys.executable, str(ROOT / "lossagent.py"), "--config", str(path)],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0
+    assert "unknown key 'train.stagez'; valid keys of [train]: stages, iters_per_stage, batch_size" in result.stderr
+    result = subprocess.run([sys.executable, str(ROOT / "lossagent.py"), "--config", str(tmp_path / "nope.toml")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "config file not found" in result.stderr
+
+
+def test_resolved_config_round_trips_through_toml(tmp_path):
+    cfg = load_config(ROOT / "configs" / "demo.toml", ["losses.options.GAN.gan_type=hinge"])
+    text = to_toml(lossagent.asdict(cfg))
+    again = load_config(write(tmp_path, text, "demo.toml"))
+    assert lossagent.asdict(again) == lossagent.asdict(cfg)
+
+
+def test_every_config_in_configs_loads():
+    for path in sorted((ROOT / "configs").glob("*.toml")):
+        load_config(path)
+
+
+class ChatServer:
+    """A tiny OpenAI-compatible server on 127.0.0.1: answers with `reply(body)`, or fails `fail` times first."""
+
+    def __init__(self, reply, fail=0, status=500):
+        self.requests, self.fail = [], fail
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                server.requests.append((self.path, dict(self.headers), body))
+                if server.fail > 0:
+                    server.fail -= 1
+                    self.send_response(status)
+                    self.end_headers()
+                    return
+                data = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply(body)}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_openai_agent_sends_chat_requests_concurrently():
+    server = ChatServer(lambda body: f"Weights: L1:GAN=0.5:{len(body['messages'])}")
+    try:
+        agent = OpenAIAgent(AgentConfig(backend="openai", model="llama3", base_url=server.url, api_key="k", concurrency=4))
+        replies = agent.generate([[{"role": "user", "content": str(i)}] for i in range(6)], seed=7)
+    finally:
+        server.close()
+    assert replies == ["Weights: L1:GAN=0.5:1"] * 6
+    path, headers, body = server.requests[0]
+    assert path == "/v1/chat/completions" and headers["Authorization"] == "Bearer k"
+    assert body["model"] == "llama3" and body["seed"] == 7 and body["max_tokens"] == 96
+
+
+def test_openai_agent_retries_then_gives_a_clear_error():
+    server = ChatServer(lambda body: "Weights: 1:1", fail=2)
+    try:
+        agent = OpenAIAgent(AgentConfig(backend="openai", model="m", base_url=server.url, retries=2))
+        assert agent.generate([[{"role": "user", "content": "x"}]], seed=0) == ["Weights: 1:1"]
+        server.fail = 10
+        with pytest.raises(AgentError, match="failed after 3 tries.*HTTP 500.*check that it is running"):
+            agent.generate([[{"role": "user", "content": "x"}]], seed=0)
+    finally:
+        server.close()
+    down = OpenAIAgent(AgentConfig(backend="openai", model="m", base_url="http://127.0.0.1:9/v1", retries=0, timeout=2))
+    with pytest.raises(AgentError, match="127.0.0.1:9/v1/chat/completions failed after 1 tries"):
+        down.generate([[{"role": "user", "content": "x"}]], seed=0)
+
+
+def test_propose_weights_falls_back_when_nothing_parses():
+    cfg = Config()
+    cfg.losses.names, cfg.feedback.count = NAMES, 2
+    experts = [lossagent.Expert("PSNR", None, False, "PSNR", True)]
+
+    class Replies:
+        def __init__(self, replies):
+            self.replies = replies
+
+        def generate(self, conversations, seed):
+            assert len(conversations) == 2
+            return self.replies
+
+    weights = [1.0, 0.1, 0.01]
+    new, record, logs = lossagent.propose_weights(Replies(["Weights: 0.5:0.2:0.02", "Weights: 0.7:0.4:0.0"]), cfg,
+                                                  NAMES, experts, history(1), weights, 1)
+    assert new == pytest.approx([0.6, 0.3, 0.01]) and record["fallback"] is None and record["parse_ok"] == 2
+    new, record, logs = lossagent.propose_weights(Replies(["no idea", "none"]), cfg, NAMES, experts, history(1), weights, 1)
+    assert new == weights and record["fallback"] == "keep" and record["parse_ok"] == 0 and not logs[0]["ok"]
+    cfg.agent.fallback = "perturb"
+    new, record, _ = lossagent.propose_weights(Replies(["?", "?"]), cfg, NAMES, experts, history(1), weights, 1)
+    again, _, _ = lossagent.propose_weights(Replies(["?", "?"]), cfg, NAMES, experts, history(1), weights, 1)
+    assert record["fallback"] == "perturb" and new == again and new != weights
+    assert all(abs(n / w - 1) <= 0.1 + 1e-12 for n, w in zip(new, weights))
+
+    class Down:
+        def generate(self, conversations, seed):
+            raise AgentError("the LLM server is down")
+
+    new, record, logs = lossagent.propose_weights(Down(), cfg, NAMES, experts, history(1), weights, 1)
+    assert record["error"] == "the LLM server is down" and record["fallback"] == "perturb" and len(logs) == 2

