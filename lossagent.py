@@ -31,7 +31,10 @@ import math
 import os
 import random
 import re
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -118,12 +121,24 @@ class FeedbackConfig:
 
 @dataclass
 class ExpertConfig:
-    kind: str = "pyiqa"  # pyiqa: any pyiqa metric
-    metric: str = "psnr"  # pyiqa metric name
-    name: str = ""  # name shown to the LLM; "" = metric name upper-cased
-    direction: str = ""  # lower | higher; "" = pyiqa's lower_better
-    meaning: str = ""  # one line for the LLM on what the score measures; "" = built in for known metrics
-    options: dict = field(default_factory=dict)  # keyword arguments of pyiqa.create_metric
+    kind: str = "pyiqa"  # pyiqa (any pyiqa metric) | command (an external program) | human (a person)
+    metric: str = "psnr"  # pyiqa: metric name
+    name: str = ""  # shown to the LLM; "" = the pyiqa metric upper-cased, or "Human"
+    output: str = "score"  # command and human: score (a number per image) | text (a description per image)
+    direction: str = ""  # lower | higher; "" = pyiqa's lower_better (command and human scores must set it)
+    meaning: str = ""  # one line for the LLM on what the score or text says; "" = built in for known metrics
+    options: dict = field(default_factory=dict)  # pyiqa: keyword arguments of pyiqa.create_metric
+    command: list = field(default_factory=list)  # command: program and arguments; the image folder is appended
+    timeout: float = 600.0  # command: seconds before the program is stopped; human: seconds to wait (0 = forever)
+    max_chars: int = 400  # text: longer descriptions are cut in the prompt
+    range: list = field(default_factory=list)  # fusion: [low, high] of the score; [] = pyiqa's score_range
+
+
+@dataclass
+class FusionConfig:
+    enabled: bool = False  # show the LLM one more line: every score expert normalised to [0, 1] and averaged
+    profile: str = "balanced"  # balanced | fidelity (full-reference experts count 4x) | perception (no-reference 4x) | custom
+    weights: dict = field(default_factory=dict)  # custom: expert name -> weight
 
 
 @dataclass
@@ -151,6 +166,23 @@ class AgentConfig:
 
 
 @dataclass
+class BenchmarkConfig:
+    name: str = "Set5"  # a set of data/benchmark.py's BENCHMARKS (Set5, BSD68, SOTS, ...) or any label
+    kind: str = ""  # sr_bicubic | noref | denoise | pairs; "" = known from the name
+    gt: str = ""  # ground-truth folder
+    lq: str = ""  # degraded-input folder (noref and pairs sets; optional for sr_bicubic)
+    sigma: float = 0.0  # denoise: noise level (BSD68 at 15, 25, 50 = three tables)
+
+
+@dataclass
+class EvalConfig:
+    metrics: list = field(default_factory=lambda: ["psnr", "ssim"])  # psnr/ssim (BasicSR protocol) and any pyiqa metric
+    tile: int = 0  # tiled inference tile size in input pixels (0 = whole image)
+    tile_overlap: int = 32  # overlap between tiles
+    seed: int = 0  # noise seed of denoising sets
+
+
+@dataclass
 class OutputConfig:
     root: str = "runs"  # parent folder of run directories
     name: str = ""  # run directory name; "" = the config file's stem
@@ -166,8 +198,11 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
     experts: list = field(default_factory=lambda: [ExpertConfig()])
+    fusion: FusionConfig = field(default_factory=FusionConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    benchmarks: list = field(default_factory=list)  # [[benchmarks]] tables for `lossagent.py eval`
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 class ConfigError(ValueError):
@@ -214,7 +249,7 @@ def apply_override(raw, assignment):
                 raise ConfigError(f"--set {dotted}: '{k}' is not an index of the {len(node)} configured entries")
             node = node[int(k)]
         else:
-            node = node.setdefault(k, [{}] if k == "experts" else {})
+            node = node.setdefault(k, [{}] if k in ("experts", "benchmarks") else {})
     node[keys[-1]] = value
 
 
@@ -250,10 +285,11 @@ def load_config(path, overrides=()):
     unknown = [k for k in raw if k not in SECTIONS]
     if unknown:
         raise ConfigError(f"unknown section [{unknown[0]}]; valid sections: {', '.join(SECTIONS)}")
-    cfg = Config(**{name: build_section(SECTIONS[name].type if name != "experts" else None, raw[name], name)
-                    for name in raw if name != "experts"})
-    if "experts" in raw:
-        cfg.experts = [build_section(ExpertConfig, e, f"experts.{i}") for i, e in enumerate(raw["experts"])]
+    tables = {"experts": ExpertConfig, "benchmarks": BenchmarkConfig}  # sections that are arrays of tables
+    cfg = Config(**{name: build_section(SECTIONS[name].type, raw[name], name) for name in raw if name not in tables})
+    for name, cls in tables.items():
+        if name in raw:
+            setattr(cfg, name, [build_section(cls, t, f"{name}.{i}") for i, t in enumerate(raw[name])])
     cfg.output.name = cfg.output.name or Path(path).stem
     validate(cfg)
     return cfg
@@ -270,7 +306,10 @@ def validate(cfg):
                "agent.history": (cfg.agent.history, ("full", "last2")),
                "agent.fallback": (cfg.agent.fallback, ("keep", "perturb"))}
     choices.update({f"experts.{i}.direction": (e.direction, ("", "lower", "higher")) for i, e in enumerate(cfg.experts)})
-    choices.update({f"experts.{i}.kind": (e.kind, ("pyiqa",)) for i, e in enumerate(cfg.experts)})
+    choices["fusion.profile"] = (cfg.fusion.profile, ("balanced", "fidelity", "perception", "custom"))
+    for i, e in enumerate(cfg.experts):
+        choices[f"experts.{i}.kind"] = (e.kind, ("pyiqa", "command", "human"))
+        choices[f"experts.{i}.output"] = (e.output, ("score", "text") if e.kind != "pyiqa" else ("score",))
     for where, (value, allowed) in choices.items():
         if value not in allowed:
             raise ConfigError(f"{where} = '{value}' is not one of: {', '.join(allowed)}")
@@ -284,6 +323,15 @@ def validate(cfg):
             raise ConfigError(f"initial weight {name} = {w} is outside [losses.min_weight, losses.max_weight]")
     if not cfg.experts:
         raise ConfigError("at least one [[experts]] table is needed: the agent steers towards its score")
+    for i, e in enumerate(cfg.experts):
+        if e.kind == "command" and not (e.command and e.name):
+            raise ConfigError(f"experts.{i}: a command expert needs `command` (program and arguments) and a `name`")
+        if e.kind != "pyiqa" and e.output == "score" and not e.direction:
+            raise ConfigError(f"experts.{i}: say whether a lower or higher {e.kind} score is better (direction)")
+        if e.range and len(e.range) != 2:
+            raise ConfigError(f"experts.{i}.range must be [low, high]")
+    if len({expert_name(e) for e in cfg.experts}) != len(cfg.experts):
+        raise ConfigError("two experts have the same name: give each a distinct `name`")
     if cfg.train.stages < 1 or cfg.train.iters_per_stage < 1 or cfg.feedback.count < 1:
         raise ConfigError("train.stages, train.iters_per_stage and feedback.count must be at least 1")
     if cfg.agent.backend != "fixed" and not cfg.agent.model:
@@ -368,42 +416,191 @@ METRIC_MEANINGS = {
 }
 
 
+def expert_name(e):
+    return e.name or (e.metric.upper() if e.kind == "pyiqa" else "Human")
+
+
 @dataclass
 class Expert:
     name: str  # as shown to the LLM
-    metric: object  # the pyiqa metric
-    lower_better: bool
+    lower_better: bool | None  # None for text experts
     meaning: str
-    full_reference: bool  # needs the ground truth
+    kind: str = "pyiqa"  # pyiqa | command | human
+    text: bool = False  # writes a description per image instead of a score
+    full_reference: bool = False  # needs the ground truth
+    score_range: tuple | None = None  # (low, high), to normalise the score for fusion
+    metric: object = None  # the pyiqa metric
+    cfg: ExpertConfig | None = None
 
 
-def make_experts(cfgs, device):
-    import pyiqa
+class ExpertError(RuntimeError):
+    """An expert could not judge this stage: the stage falls back, the run goes on."""
+
+
+def parse_range(text):
+    """pyiqa writes score ranges as '~0, ~100' (the tilde: approximate)."""
+    try:
+        low, high = (float(x.strip().lstrip("~")) for x in text.split(","))
+        return low, high
+    except (AttributeError, ValueError):
+        return None
+
+
+def make_experts(cfgs, device, download=True):
+    """Creates every expert once. pyiqa reads its weights from $TORCH_HOME/hub/pyiqa; without `download`
+    a missing file raises FileNotFoundError naming it (this is `doctor`'s check)."""
     experts = []
     for e in cfgs:
-        try:
-            metric = pyiqa.create_metric(e.metric, device=device, **e.options)
-        except KeyError:
-            raise ConfigError(f"unknown pyiqa metric '{e.metric}'; see pyiqa.list_models()") from None
-        lower_better = metric.lower_better if not e.direction else e.direction == "lower"
-        meaning = e.meaning or METRIC_MEANINGS.get(e.metric.lower(), f"{e.metric}, an image quality score")
-        experts.append(Expert(e.name or e.metric.upper(), metric, lower_better, meaning, metric.metric_mode == "FR"))
+        name, text = expert_name(e), e.kind != "pyiqa" and e.output == "text"
+        lower_better = None if text else e.direction == "lower"
+        meaning = e.meaning or METRIC_MEANINGS.get(e.metric.lower() if e.kind == "pyiqa" else "", "")
+        expert = Expert(name, lower_better, meaning, e.kind, text, score_range=tuple(e.range) or None, cfg=e)
+        if e.kind == "pyiqa":
+            import pyiqa
+            from data.benchmark import pyiqa_weights
+            from pyiqa.default_model_configs import DEFAULT_CONFIGS
+            if e.metric not in DEFAULT_CONFIGS:
+                raise ConfigError(f"unknown pyiqa metric '{e.metric}'; see pyiqa.list_models()")
+            with pyiqa_weights(e.metric, download=download):
+                expert.metric = pyiqa.create_metric(e.metric, device=device, **e.options)
+            expert.lower_better = expert.metric.lower_better if not e.direction else e.direction == "lower"
+            expert.full_reference = expert.metric.metric_mode == "FR"
+            expert.score_range = expert.score_range or parse_range(DEFAULT_CONFIGS[e.metric].get("score_range"))
+            expert.meaning = expert.meaning or f"{e.metric}, an image quality score"
+        elif not meaning:
+            expert.meaning = "a description of each restored image's quality" if text else f"{name}'s score"
+        experts.append(expert)
     return experts
 
 
+def write_feedback_images(folder, restored, feedback, with_gt=True):
+    """`folder`/images/<name>.png (restored) and `folder`/gt/<name>.png when there is ground truth."""
+    from data.images import save_image
+    files = [f"{Path(item['name']).stem}.png" for item in feedback]
+    for file, out, item in zip(files, restored, feedback):
+        save_image(out, Path(folder) / "images" / file)
+        if with_gt and item["gt"] is not None:
+            save_image(item["gt"], Path(folder) / "gt" / file)
+    return files
+
+
+def read_answer(expert, text, files, source):
+    """Answers from programs and people are JSON: {"scores": {file: number}} or {"texts": {file: text}}."""
+    key = "texts" if expert.text else "scores"
+    try:
+        values = json.loads(text)[key]
+        answer = [values[f] for f in files]
+        ok = all(isinstance(v, str) for v in answer) if expert.text else \
+            all(isinstance(v, (int, float)) and math.isfinite(v) for v in answer)
+    except (ValueError, TypeError, KeyError) as e:
+        ok, answer = False, repr(e)
+    if not ok:
+        raise ExpertError(f"{source} is not JSON of the form {{\"{key}\": {{\"{files[0]}\": ...}}}} with an entry "
+                          f"for each of {', '.join(files)}: {text[:200]!r}")
+    return answer if expert.text else [float(v) for v in answer]
+
+
+def run_program(expert, restored, feedback):
+    """A command expert: the images go to a temporary folder, appended to its command line; its stdout is JSON."""
+    with tempfile.TemporaryDirectory() as folder:
+        files = write_feedback_images(folder, restored, feedback)
+        command = [*expert.cfg.command, folder]
+        shown = " ".join(command[:-1])
+        try:
+            done = subprocess.run(command, capture_output=True, text=True, timeout=expert.cfg.timeout or None)
+        except subprocess.TimeoutExpired as e:
+            raise ExpertError(f"`{shown}` took longer than {expert.cfg.timeout:g} s; stderr: "
+                              f"{(e.stderr or b'')[-500:]!r}") from None
+        except OSError as e:
+            raise ExpertError(f"cannot start `{shown}`: {e}") from None
+        if done.returncode:
+            raise ExpertError(f"`{shown}` exited with status {done.returncode}; stderr: ...{done.stderr[-500:]}")
+        return read_answer(expert, done.stdout, files, f"the output of `{shown}`")
+
+
+def ask_human(expert, restored, feedback, stage, run_dir):
+    """A person judges the stage: each image is shown beside the previous stage's (or the degraded input's)."""
+    from data.images import save_image
+    folder = run_dir / "human" / f"stage_{stage}"
+    files = [f"{Path(item['name']).stem}.png" for item in feedback]
+    for file, out, item in zip(files, restored, feedback):
+        previous = run_dir / "feedback" / f"stage_{stage - 1}" / "images" / file
+        if stage > 0 and previous.exists():
+            from data.images import load_image, to_tensor
+            before = to_tensor(load_image(str(previous)))[None]
+        else:
+            before = torch.nn.functional.interpolate(item["lq"], size=out.shape[-2:], mode="nearest")
+        save_image(torch.cat([before, out], dim=-1), folder / file)  # [1, 3, H, 2W]: before | after
+    answer = folder / "answer.json"
+    key = "texts" if expert.text else "scores"
+    print(f"[{expert.name}] stage {stage}: compare the images in {folder} (left: before, right: after this stage) "
+          f"and write {answer} as {{\"{key}\": {{\"{files[0]}\": ..., ...}}}}", flush=True)
+    if sys.stdin is not None and sys.stdin.isatty():
+        values = {f: input(f"{expert.name} for {f}: ") for f in files}
+        if not expert.text:
+            try:
+                values = {f: float(v) for f, v in values.items()}
+            except ValueError as e:
+                raise ExpertError(f"not a number: {e}") from None
+        return read_answer(expert, json.dumps({key: values}), files, "the terminal")
+    start = time.time()
+    while not answer.exists():
+        if expert.cfg.timeout and time.time() - start > expert.cfg.timeout:
+            raise ExpertError(f"no answer in {answer} after {expert.cfg.timeout:g} s")
+        time.sleep(1)
+    time.sleep(0.2)  # let a writer finish the file
+    return read_answer(expert, answer.read_text(), files, str(answer))
+
+
 @torch.no_grad()
-def score_images(experts, restored, feedback):
-    """Scores each restored image [1,3,H,W] separately (sizes differ; some metrics take one image at a time).
-    Returns {expert: {"per_image": [T floats], "mean": float}}."""
-    scores = {}
+def judge(experts, restored, feedback, stage, run_dir):
+    """Judges the restored images [1,3,H,W] (sizes differ, so one at a time). Returns ({expert: {"per_image": [T],
+    "mean"}} (text experts: per_image descriptions, no mean), {expert: error} for the experts that failed)."""
+    scores, errors = {}, {}
     for e in experts:
-        device = next(iter(e.metric.parameters()), torch.empty(0, device=e.metric.device)).device
-        per_image = []
-        for out, item in zip(restored, feedback):
-            args = (out.to(device), item["gt"].to(device)) if e.full_reference else (out.to(device),)
-            per_image.append(float(e.metric(*args).mean()))
-        scores[e.name] = {"per_image": per_image, "mean": float(np.mean(per_image))}
-    return scores
+        try:
+            if e.kind == "pyiqa":
+                device = e.metric.device
+                values = [float(e.metric(out.to(device), item["gt"].to(device)).mean()) if e.full_reference
+                          else float(e.metric(out.to(device)).mean()) for out, item in zip(restored, feedback)]
+            elif e.kind == "command":
+                values = run_program(e, restored, feedback)
+            else:
+                values = ask_human(e, restored, feedback, stage, run_dir)
+        except ExpertError as err:
+            errors[e.name] = str(err)
+            print(f"expert {e.name} failed at stage {stage}: {err}", file=sys.stderr, flush=True)
+            continue
+        scores[e.name] = {"per_image": values} if e.text else {"per_image": values, "mean": float(np.mean(values))}
+    return scores, errors
+
+
+def judge_stage(cfg, experts, restored, feedback, stage, run_dir):
+    """Keeps the stage's restored feedback images (runs/<name>/feedback/stage_<i>/) and returns its history fields."""
+    write_feedback_images(run_dir / "feedback" / f"stage_{stage}", restored, feedback, with_gt=False)
+    scores, errors = judge(experts, restored, feedback, stage, run_dir)
+    entry = {"scores": scores}
+    if errors:
+        entry["expert_errors"] = errors
+    if cfg.fusion.enabled:
+        entry["fused"] = fused_score(experts, scores, cfg.fusion)
+    return entry
+
+
+def fused_score(experts, scores, fusion, image=None):
+    """Every score expert normalised to [0, 1] in its good direction, then a weighted mean (None if none)."""
+    total = weight_sum = 0.0
+    for e in experts:
+        if e.text or e.name not in scores or not e.score_range:
+            continue
+        low, high = e.score_range
+        value = scores[e.name]["per_image"][image] if image is not None else scores[e.name]["mean"]
+        normalised = min(max((value - low) / (high - low), 0.0), 1.0)
+        normalised = 1.0 - normalised if e.lower_better else normalised
+        weight = {"balanced": 1.0, "fidelity": 4.0 if e.full_reference else 1.0,
+                  "perception": 1.0 if e.full_reference else 4.0}.get(fusion.profile) or fusion.weights.get(e.name, 0.0)
+        total, weight_sum = total + weight * normalised, weight_sum + weight
+    return total / weight_sum if weight_sum else None
 
 
 @torch.no_grad()
@@ -427,8 +624,8 @@ def weights_text(names, weights):
 
 
 def build_messages(cfg, names, experts, history, image=None):
-    """The chat for one query: `image` is a feedback-image index (per-image mode) or None (mean scores).
-    `experts` is a list of (name, lower_better, meaning); `history` the run's stage entries."""
+    """The chat for one query: `image` is a feedback-image index (per-image mode) or None (all images, mean
+    scores). `experts` are Expert objects; `history` is the run's list of stage entries."""
     a = cfg.agent
     network = cfg.task.description or {
         "cisr": f"a {cfg.model.arch} x{cfg.task.scale} super-resolution network for bicubic-downsampled images",
@@ -436,21 +633,30 @@ def build_messages(cfg, names, experts, history, image=None):
         "air": f"a {cfg.model.arch} all-in-one restoration network (denoising, deraining, dehazing)",
     }[cfg.task.name]
     what = "one feedback image" if image is not None else f"{cfg.feedback.count} feedback images (mean scores)"
-
-    def better(lower_better):
-        return "lower" if lower_better else "higher"
+    fusion = cfg.fusion.enabled and any(not e.text for e in experts)
 
     system = [f"You are an expert advisor for training {network}. The network is trained with a weighted sum "
               f"of these losses: {', '.join(names)}. Training runs in stages. After every stage the network "
               f"restores {what}, and the result is judged by these experts:"]
-    for name, lower_better, meaning in experts:
-        line = f"- {name}: {meaning}."
-        if a.direction_sentence:
-            line += f" A {better(lower_better)} {name} score is better."
+    for e in experts:
+        if e.text:
+            line = (f"- {e.name}: {e.meaning}. Its feedback is a description in words, not a number: "
+                    "the goal is to make the description better (fewer artifacts, finer detail, more natural).")
+        else:
+            line = f"- {e.name}: {e.meaning}."
+            if a.direction_sentence:
+                line += f" A {'lower' if e.lower_better else 'higher'} {e.name} score is better."
         system.append(line)
-    system.append("You receive the loss weights used in every stage so far and the scores that followed. "
+    if fusion:
+        system.append(f"- Fused score: the scores above, each mapped to 0 (worst) .. 1 (best), averaged with "
+                      f"'{cfg.fusion.profile}' weights." + (" A higher fused score is better." if a.direction_sentence else ""))
+    system.append("You receive the loss weights used in every stage so far and the feedback that followed. "
                   "Your job is to choose the loss weights for the next stage so that the restored images get "
-                  "the best possible scores.")
+                  "the best possible feedback.")
+
+    def quote(e, text):
+        text = " ".join(text.split())
+        return text if len(text) <= e.cfg.max_chars else text[:e.cfg.max_chars] + "..."
 
     shown = history if a.history == "full" else history[-2:]
     lines = ["History:"]
@@ -458,12 +664,25 @@ def build_messages(cfg, names, experts, history, image=None):
         label = "Before training" if entry["stage"] == 0 else f"Stage {entry['stage']}"
         verb = "initial weights" if entry["stage"] == 0 else "trained with weights"
         lines.append(f"{label} ({verb} {weights_text(names, [entry['weights'][n] for n in names])}):")
-        for name, _, _ in experts:
-            s = entry["scores"][name]
-            lines.append(f"  {name} = {fmt(s['per_image'][image] if image is not None else s['mean'])}")
+        for e in experts:
+            s = entry["scores"].get(e.name)
+            if s is None:
+                lines.append(f"  {e.name}: unavailable (the expert failed)")
+            elif e.text and image is not None:
+                lines.append(f'  {e.name} says: "{quote(e, s["per_image"][image])}"')
+            elif e.text:
+                lines += [f'  {e.name} on image {k + 1}: "{quote(e, t)}"' for k, t in enumerate(s["per_image"])]
+            else:
+                lines.append(f"  {e.name} = {fmt(s['per_image'][image] if image is not None else s['mean'])}")
+        if fusion:
+            fused = fused_score(experts, entry["scores"], cfg.fusion, image)
+            lines.append(f"  Fused score = {fmt(fused) if fused is not None else 'unavailable'}")
 
-    goal = " and ".join(f"{name} {'lower' if lb else 'higher'}" if a.direction_sentence else f"{name} better"
-                        for name, lb, _ in experts)
+    if a.direction_sentence:
+        goals = [f"the {e.name} description better" if e.text else f"{e.name} {'lower' if e.lower_better else 'higher'}"
+                 for e in experts]
+    else:
+        goals = [f"the {e.name} {'description' if e.text else 'score'} better" for e in experts]
     example = [0.7, 0.3, 0.05, 0.2, 0.1, 0.5, 0.01, 1.0][:len(names)]
     rules = ["Rules:",
              f"1. Answer in exactly this format: a line 'Weights: {':'.join(names)}=' followed by "
@@ -472,7 +691,7 @@ def build_messages(cfg, names, experts, history, image=None):
     if a.format_example:
         rules += ["Example:", f"Weights: {weights_text(names, example)}",
                   "Thoughts: the last change helped, so I continue in the same direction."]
-    rules += [f"2. Your goal is to make {goal}.",
+    rules += [f"2. Your goal is to make {' and '.join(goals)}.",
               "3. If the history is not enough to decide, make a small random change to the weights.",
               f"4. Every weight must be between {fmt(cfg.losses.min_weight)} and {fmt(cfg.losses.max_weight)}."]
     return [{"role": "system", "content": "\n".join(system)},
@@ -631,19 +850,20 @@ def make_agent(cfg, device):
     return None  # fixed: the paper's baseline
 
 
-def propose_weights(agent, cfg, names, experts, history, weights, stage):
-    """Asks the agent for the next stage's weights. Returns (weights, record for history, one log line per reply)."""
+def propose_weights(agent, cfg, names, experts, history, weights, stage, expert_errors=None):
+    """Asks the agent for the next stage's weights. Returns (weights, record for history, one log line per reply).
+    When an expert failed this stage the agent is not asked: its feedback would be incomplete."""
     a = cfg.agent
-    expert_info = [(e.name, e.lower_better, e.meaning) for e in experts]
-    images = range(cfg.feedback.count) if a.per_image else [None]
-    conversations = [build_messages(cfg, names, expert_info, history, image) for image in images]
+    images = [] if expert_errors else range(cfg.feedback.count) if a.per_image else [None]
+    conversations = [build_messages(cfg, names, experts, history, image) for image in images]
     seed = a.seed * 100_003 + stage
-    start, error, replies = time.time(), None, [None] * len(conversations)
+    start, replies = time.time(), [None] * len(conversations)
+    error = f"experts failed: {expert_errors}" if expert_errors else None
     try:
-        replies = agent.generate(conversations, seed)
+        replies = agent.generate(conversations, seed) if conversations else []
     except AgentError as e:
         error = str(e)
-    latency = (time.time() - start) / len(conversations)
+    latency = (time.time() - start) / max(len(conversations), 1)
     parsed = [parse_weights(r, names, cfg.losses.min_weight, cfg.losses.max_weight) for r in replies]
     valid = [p for p in parsed if p is not None]
     fallback = None
@@ -667,6 +887,54 @@ def propose_weights(agent, cfg, names, experts, history, weights, stage):
 
 # -----------------------------------------------------------------------------
 # Stage trainer: K iterations with fixed weights; then restore, score, ask, record, save.
+
+def check_weights(cfg, download=False, experts=True):
+    """Everything a run loads besides its data, as rows (what, where, present, source). `doctor` calls it offline;
+    `prefetch` with download=True fetches what is missing; training checks all but the pyiqa experts before
+    stage 0 (those are built right after, with the same clear message when a file is missing)."""
+    rows = []
+    if cfg.model.pretrained:
+        from models import OFFICIAL_CHECKPOINTS
+        path = Path(cfg.model.pretrained)
+        url = OFFICIAL_CHECKPOINTS.get(path.name, ("", "", ""))[2]
+        if download and not path.is_file() and url.endswith(path.name):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(url, str(path))
+        rows.append(("network checkpoint", str(path), path.is_file(), url or "a checkpoint of your own"))
+    from losses import required_files
+    for name in cfg.losses.names:
+        for path, url in required_files(name, cfg.losses.options.get(name, {})):
+            if download and not Path(path).is_file():
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                torch.hub.download_url_to_file(url, str(path))
+            rows.append((f"{name} loss backbone", str(path), Path(path).is_file(), url))
+    for e in cfg.experts:
+        if e.kind == "pyiqa" and experts:
+            try:
+                make_experts([e], torch.device("cpu"), download=download)
+                rows.append((f"pyiqa {e.metric}", str(Path(torch.hub.get_dir()) / "pyiqa"), True, "pyiqa"))
+            except Exception as err:  # offline, pyiqa's loaders fail in many ways: report them all the same
+                rows.append((f"pyiqa {e.metric}", str(Path(torch.hub.get_dir()) / "pyiqa"), False, str(err).splitlines()[0]))
+        elif e.kind == "command":
+            program = e.command[0]
+            rows.append((f"program of expert {e.name}", program, bool(shutil.which(program)) or Path(program).is_file(),
+                         "install it (see experts/README.md for Co-Instruct)"))
+    a = cfg.agent
+    if a.backend == "transformers":
+        try:
+            path = resolve_model_path(a.model)
+            if Path(path).is_dir():
+                present, where = (Path(path) / a.gguf_file).is_file() if a.gguf_file else True, path
+            else:  # a Hugging Face hub id: look in the local cache only, unless prefetching
+                import huggingface_hub
+                where = huggingface_hub.snapshot_download(a.model, local_files_only=not download,
+                                                          ignore_patterns=["original/*"])
+                present = True
+        except Exception as err:
+            present, where = False, f"{a.model} ({str(err).splitlines()[0]})"
+        rows.append(("LLM", where, present, f"huggingface-cli download {a.model}"))
+    return rows
+
 
 def build_network(cfg):
     if cfg.model.arch == "SwinIR":
@@ -693,20 +961,31 @@ def keep_finished(path, last_stage):
         write_atomic(path, lambda p: p.write_text("".join(line + "\n" for line in lines)))
 
 
+def score_columns(history):
+    """The numbers per stage: (name, [value or None per entry]) for each score expert's mean and the fused score."""
+    names = []
+    for h in history:
+        names += [k for k, v in h["scores"].items() if "mean" in v and k not in names]
+    columns = [(n, [h["scores"][n]["mean"] if n in h["scores"] else None for h in history]) for n in names]
+    if any(h.get("fused") is not None for h in history):
+        columns.append(("Fused", [h.get("fused") for h in history]))
+    return columns
+
+
 def save_plot(history, names, path):
     """Weight curves and score curves per stage (the paper's Figure 4)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     stages = [h["stage"] for h in history]
-    experts = list(history[0]["scores"])
+    experts = score_columns(history)
     fig, axes = plt.subplots(1, 1 + len(experts), figsize=(4.5 * (1 + len(experts)), 3.5), squeeze=False)
     for n in names:
         axes[0, 0].plot(stages, [h["weights"][n] for h in history], marker="o", label=n)
     axes[0, 0].set(title="loss weights", xlabel="stage", yscale="symlog", ylabel="weight")
     axes[0, 0].legend()
-    for ax, e in zip(axes[0, 1:], experts):
-        ax.plot(stages, [h["scores"][e]["mean"] for h in history], marker="o")
+    for ax, (e, values) in zip(axes[0, 1:], experts):
+        ax.plot(stages, [np.nan if v is None else v for v in values], marker="o")
         ax.set(title=f"{e} (mean over feedback images)", xlabel="stage")
     fig.tight_layout()
     write_atomic(path, lambda p: fig.savefig(p, format="png", dpi=100))
@@ -714,10 +993,11 @@ def save_plot(history, names, path):
 
 
 def write_report(run_dir, cfg, names, history, parse_ok, parse_total):
-    experts = list(history[0]["scores"])
+    columns = score_columns(history)
+    experts = [name for name, _ in columns]
     rows = [f"| {h['stage']} | {h['iteration']} | {weights_text(names, [h['weights'][n] for n in names])} | "
-            + " | ".join(fmt(h["scores"][e]["mean"]) for e in experts)
-            + f" | {h.get('parse_ok', '')}/{h.get('parse_total', '')} | {h.get('fallback') or ''} |" for h in history]
+            + " | ".join("—" if values[i] is None else fmt(values[i]) for _, values in columns)
+            + f" | {h.get('parse_ok', '')}/{h.get('parse_total', '')} | {h.get('fallback') or ''} |" for i, h in enumerate(history)]
     rate = f"{100 * parse_ok / parse_total:.2f}% ({parse_ok}/{parse_total})" if parse_total else "no queries"
     text = "\n".join([f"# {cfg.output.name}", "",
                       f"Task {cfg.task.name}, {cfg.model.arch}, agent {cfg.agent.backend} {cfg.agent.model}. "
@@ -728,10 +1008,106 @@ def write_report(run_dir, cfg, names, history, parse_ok, parse_total):
     return text
 
 
+# -----------------------------------------------------------------------------
+# Evaluation: the paper's benchmark protocol, for a checkpoint or for a folder of images.
+
+def evaluate(argv):
+    """`lossagent.py eval`: restore every [[benchmarks]] set with a checkpoint and score it, or score a folder.
+    Writes {"metrics": {metric: {"mean", "per_image"}}}; a checkpoint gets that shape per set under "datasets"."""
+    parser = argparse.ArgumentParser(prog="lossagent.py eval", description=evaluate.__doc__)
+    parser.add_argument("--config", help="the run's config: network, [[benchmarks]] and [eval]")
+    parser.add_argument("--ckpt", help="our ckpt/*.pt or an official checkpoint; default: model.pretrained")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a setting")
+    parser.add_argument("--images", help="score the images of this folder without any network (the 'GT (Ref.)' row)")
+    parser.add_argument("--gt", help="with --images: ground-truth folder for full-reference metrics (matched by name)")
+    parser.add_argument("--metrics", help="comma-separated metric names; default: [eval] metrics")
+    parser.add_argument("--out", help="JSON file to write; default: <run dir>/eval.json for --ckpt, none for --images")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    args = parser.parse_args(argv)
+    from data.benchmark import BENCHMARKS, benchmark_pairs, score_images, tiled_forward
+    from data.images import read_images, to_tensor
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
+    if args.images:
+        if not args.metrics:
+            raise ConfigError("eval --images needs --metrics, e.g. --metrics niqe,musiq")
+        images = [(name, to_tensor(img)[None]) for name, img in read_images([args.images])]
+        gts = {name: to_tensor(img)[None] for name, img in read_images([args.gt])} if args.gt else None
+        results = {Path(args.images).name: score_images(images, args.metrics.split(","), device, gts=gts)}
+    else:
+        if not args.config:
+            raise ConfigError("eval needs --config (with --ckpt) or --images")
+        cfg = load_config(args.config, args.set)
+        path = args.ckpt or cfg.model.pretrained
+        if not path:
+            raise ConfigError("eval needs --ckpt, or model.pretrained in the config")
+        from models import load_pretrained
+        net = load_pretrained(build_network(cfg), path, key=cfg.model.pretrained_key or None, trusted=cfg.model.trusted)
+        net = net.to(device).eval()
+        metrics = args.metrics.split(",") if args.metrics else list(cfg.eval.metrics)
+        if not cfg.benchmarks:
+            raise ConfigError("the config has no [[benchmarks]] tables to evaluate")
+        results = {}
+        for b in cfg.benchmarks:
+            known = BENCHMARKS.get(b.name, {})
+            kind = b.kind or known.get("kind")
+            if kind is None:
+                raise ConfigError(f"benchmark '{b.name}' is not one of {', '.join(BENCHMARKS)}: give its kind")
+            items = benchmark_pairs(kind, gt_dir=b.gt or None, lq_dir=b.lq or None, scale=cfg.task.scale,
+                                    sigma=b.sigma or None, seed=cfg.eval.seed)
+            with torch.no_grad():
+                restored = [(it["name"], tiled_forward(net, it["lq"].to(device), cfg.task.scale, tile=cfg.eval.tile or None,
+                                                       overlap=cfg.eval.tile_overlap).clamp(0, 1).cpu()) for it in items]
+            has_gt = all(it["gt"] is not None for it in items)
+            crop = cfg.task.scale if known.get("crop_border") == "scale" else known.get("crop_border", 0)
+            usable = [m for m in metrics if has_gt or not full_reference_metric(m)]  # no-GT sets: no-reference metrics only
+            label = f"{b.name}_sigma{b.sigma:g}" if b.sigma else b.name
+            results[label] = score_images(restored, usable, device, gts=[it["gt"] for it in items] if has_gt else None,
+                                          crop_border=crop, y_channel=known.get("y_channel", cfg.task.scale > 1))
+            print(f"{label}: " + ", ".join(f"{m} {fmt(v['mean'])}" for m, v in results[label]["metrics"].items()), flush=True)
+    names = sorted({m for r in results.values() for m in r["metrics"]})
+    print("| set | " + " | ".join(names) + " |\n|" + "---|" * (1 + len(names)))
+    for label, r in results.items():
+        print(f"| {label} | " + " | ".join(fmt(r["metrics"][m]["mean"]) if m in r["metrics"] else "—" for m in names) + " |")
+    out = args.out or (None if args.images else str(Path(cfg.output.root) / cfg.output.name / "eval.json"))
+    if out:
+        document = results[next(iter(results))] if args.images else {"ckpt": str(path), "datasets": results}
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(out, lambda p: p.write_text(json.dumps(document, indent=1)))
+        print(f"wrote {out}")
+    return results
+
+
+def doctor(argv, download=False):
+    """`lossagent.py doctor` (offline: is every file the config needs present?) and `prefetch` (download them)."""
+    command = "prefetch" if download else "doctor"
+    parser = argparse.ArgumentParser(prog=f"lossagent.py {command}", description=doctor.__doc__)
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a setting")
+    args = parser.parse_args(argv)
+    cfg = load_config(args.config, args.set)
+    rows = check_weights(cfg, download=download)
+    rows += [("input path", path, False, "fix the config") for path in missing_paths(cfg)]
+    width = max(len(r[0]) for r in rows) if rows else 0
+    for what, where, present, source in rows:
+        print(f"{'present' if present else 'MISSING'}  {what:<{width}}  {where}" + ("" if present else f"  <- {source}"))
+    missing = sum(not r[2] for r in rows)
+    print(f"{len(rows) - missing} present, {missing} missing" if rows else "nothing to download: this config needs no files")
+    return 1 if missing else 0
+
+
+def full_reference_metric(name):
+    if name in ("psnr", "ssim"):
+        return True
+    from pyiqa.default_model_configs import DEFAULT_CONFIGS
+    return DEFAULT_CONFIGS.get(name, {}).get("metric_mode") == "FR"
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["eval"]:
         return evaluate(argv[1:])
+    if argv[:1] in (["doctor"], ["prefetch"]):
+        return doctor(argv[1:], download=argv[0] == "prefetch")
     parser = argparse.ArgumentParser(description="LossAgent training (see the module docstring)")
     parser.add_argument("--config", required=True, help="TOML file, e.g. configs/demo.toml")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a setting")
@@ -764,6 +1140,11 @@ def run(cfg):
     missing = missing_paths(cfg)
     if missing:
         raise FileNotFoundError("missing input paths (fix them in the config): " + ", ".join(missing))
+    missing = [f"{what}: {where} (get it from {source})" for what, where, present, source
+               in check_weights(cfg, experts=False) if not present]
+    if missing:
+        raise FileNotFoundError("missing files, so the run stops before training (`python lossagent.py prefetch "
+                                "--config ...` fetches them where there is internet): " + "; ".join(missing))
 
     # The same seed on every rank gives identical initial networks (DDP also broadcasts rank 0's).
     torch.manual_seed(cfg.train.seed)
@@ -812,26 +1193,26 @@ def run(cfg):
     weights = [float(w) for w in cfg.losses.weights]
     history, parse_ok, parse_total, first_stage = [], 0, 0, 1
     if resume:
-        ckpt = torch.load(ckpt_dir / "last.pt", map_location=device, weights_only=False)
+        ckpt = torch.load(ckpt_dir / "last.pt", map_location=device, weights_only=True)
         changed = [k for k in ("task", "model", "losses", "data", "feedback", "experts")
                    if ckpt["config"][k] != asdict(cfg)[k]]
         changed += [f"train.{k}" for k, v in asdict(cfg.train).items() if k != "stages" and ckpt["config"]["train"][k] != v]
         if changed:
             raise ConfigError(f"{run_dir} holds a run with different settings ({', '.join(changed)}); "
                               "choose another --set output.name=... or remove that folder")
-        raw_net.load_state_dict(ckpt["net"])
+        raw_net.load_state_dict(ckpt["params"])
         optimizer.load_state_dict(ckpt["optimizer"])
         if gan is not None:
             gan.net_d.load_state_dict(ckpt["net_d"])
             gan.opt_d.load_state_dict(ckpt["opt_d"])
         if ema is not None:
-            ema.load_state_dict(ckpt["ema"])
+            ema.load_state_dict(ckpt["params_ema"])
         scaler.load_state_dict(ckpt["scaler"])
         rng = ckpt["rng"][rank]
         torch.set_rng_state(rng["torch"])
         if use_cuda:
             torch.cuda.set_rng_state(rng["cuda"], device)
-        np.random.set_state(rng["numpy"])
+        np.random.set_state(tuple(rng["numpy"]))
         random.setstate(rng["python"])
         history, weights = ckpt["history"], ckpt["weights"]
         parse_ok, parse_total, first_stage = ckpt["parse_ok"], ckpt["parse_total"], ckpt["stage"] + 1
@@ -854,7 +1235,7 @@ def run(cfg):
             # Stage 0: the score before any training (the paper's "initial score").
             restored = restore_feedback(raw_net, feedback, device, autocast)
             history.append({"stage": 0, "iteration": 0, "weights": dict(zip(names, weights)),
-                            "scores": score_images(experts, restored, feedback)})
+                            **judge_stage(cfg, experts, restored, feedback, 0, run_dir)})
         print(f"run {run_dir}: {cfg.train.stages} stages x {cfg.train.iters_per_stage} iterations, "
               f"losses {':'.join(names)}, experts {', '.join(e.name for e in experts)}, agent {cfg.agent.backend}, "
               f"{world} rank(s) on {device}")
@@ -916,15 +1297,17 @@ def run(cfg):
         entry = {"stage": stage, "iteration": iteration, "weights": dict(zip(names, weights))}
         if is_main:
             restored = restore_feedback(ema if ema is not None else raw_net, feedback, device, autocast)
-            entry["scores"] = score_images(experts, restored, feedback)
+            entry.update(judge_stage(cfg, experts, restored, feedback, stage, run_dir))
             history.append(entry)
             if agent is not None and stage < cfg.train.stages:
-                weights, record, logs = propose_weights(agent, cfg, names, experts, history, weights, stage)
+                weights, record, logs = propose_weights(agent, cfg, names, experts, history, weights, stage,
+                                                        entry.get("expert_errors"))
                 entry.update(record)
                 parse_ok, parse_total = parse_ok + record["parse_ok"], parse_total + record["parse_total"]
-                with open(run_dir / "agent.jsonl", "a") as fh:
-                    fh.writelines(json.dumps(log) + "\n" for log in logs)
-            print(f"stage {stage} done: " + ", ".join(f"{k} {fmt(v['mean'])}" for k, v in entry["scores"].items())
+                if logs:
+                    with open(run_dir / "agent.jsonl", "a") as fh:
+                        fh.writelines(json.dumps(log) + "\n" for log in logs)
+            print(f"stage {stage} done: " + ", ".join(f"{k} {fmt(v['mean'])}" for k, v in entry["scores"].items() if "mean" in v)
                   + (f" | next {weights_text(names, weights)}" + (f" (fallback: {entry['fallback']})" if entry.get("fallback") else "")
                      if stage < cfg.train.stages else ""), flush=True)
         if ddp:
@@ -932,19 +1315,22 @@ def run(cfg):
             dist.broadcast(shared, 0)
             weights = shared.tolist()
         rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if use_cuda else None,
-               "numpy": np.random.get_state(), "python": random.getstate()}
+               "numpy": [x.tolist() if isinstance(x, np.ndarray) else x for x in np.random.get_state()],
+               "python": random.getstate()}
         rngs = [None] * world
         if ddp:
             dist.all_gather_object(rngs, rng)  # each rank resumes its own random stream
         else:
             rngs = [rng]
         if is_main:
-            ckpt = {"stage": stage, "net": raw_net.state_dict(), "optimizer": optimizer.state_dict(),
+            # The network under BasicSR's names, so models.load_pretrained and `eval` read it like an official file.
+            ckpt = {"stage": stage, "params": raw_net.state_dict(), "optimizer": optimizer.state_dict(),
                     "net_d": gan.net_d.state_dict() if gan is not None else None,
-                    "opt_d": gan.opt_d.state_dict() if gan is not None else None,
-                    "ema": ema.state_dict() if ema is not None else None, "scaler": scaler.state_dict(),
+                    "opt_d": gan.opt_d.state_dict() if gan is not None else None, "scaler": scaler.state_dict(),
                     "rng": rngs, "history": history, "weights": weights, "parse_ok": parse_ok,
                     "parse_total": parse_total, "config": asdict(cfg)}
+            if ema is not None:
+                ckpt["params_ema"] = ema.state_dict()
             write_atomic(ckpt_dir / "last.pt", lambda p: torch.save(ckpt, p))
             if cfg.output.stage_checkpoints:
                 write_atomic(ckpt_dir / f"stage_{stage}.pt", lambda p: torch.save(ckpt, p))
@@ -965,7 +1351,8 @@ def run(cfg):
 
 if __name__ == "__main__":
     try:
-        main()
+        status = main()
+        sys.exit(status if isinstance(status, int) else 0)
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -144,6 +144,8 @@ class AIRDataset(Dataset):
         return self.length or len(self.entries)
 
     def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self):  # lets `for item in dataset` stop
+            raise IndexError(index)
         if self.length is not None:
             index = int(torch.randint(0, len(self.entries), ()).item())
         task, lq_path, gt_path, sigma = self.entries[index % len(self.entries)]

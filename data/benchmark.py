@@ -233,9 +233,10 @@ def benchmark_pairs(
 
 
 @contextmanager
-def _pyiqa_weights(metric: str):
+def pyiqa_weights(metric: str, download: bool = True):
     """Make pyiqa look for weights under the *current* $TORCH_HOME/hub/pyiqa and turn an offline
-    download attempt into one message naming the missing file.
+    download attempt into one message naming the missing file. With download=False nothing is
+    fetched: a missing file fails at once (lossagent.py's `doctor` check).
 
     pyiqa computes its weight folder (pyiqa.utils.download_util.DEFAULT_CACHE_DIR) once, when it is
     first imported, so a TORCH_HOME set later (as tests and the CLI do) would be ignored; we re-point
@@ -247,14 +248,16 @@ def _pyiqa_weights(metric: str):
     saved = download_util.DEFAULT_CACHE_DIR, download_util.download_url_to_file
     failed = {}
 
-    def download(url, dst, *args, **kwargs):
+    def fetch(url, dst, *args, **kwargs):
         try:
+            if not download:
+                raise ConnectionError("downloads are off")
             return saved[1](url, dst, *args, **kwargs)
         except Exception:
             failed.update(url=url, dst=dst)
             raise
 
-    download_util.DEFAULT_CACHE_DIR, download_util.download_url_to_file = cache_dir, download
+    download_util.DEFAULT_CACHE_DIR, download_util.download_url_to_file = cache_dir, fetch
     try:
         yield
     except Exception as err:
@@ -262,9 +265,9 @@ def _pyiqa_weights(metric: str):
             raise
         raise FileNotFoundError(
             f"pyiqa metric {metric!r} needs {os.path.basename(failed['dst'])} in {os.path.dirname(failed['dst'])} "
-            f"and could not download it ({type(err).__name__}); copy the file there (this machine may be "
-            f"offline; NIQE's niqe_modelparameters.mat is in shared/data/), or set TORCH_HOME to a folder "
-            f"whose hub/pyiqa/ holds it. Source: {failed['url']}"
+            f"and could not download it ({type(err).__name__}: {err}). On a machine with internet run "
+            f"`python lossagent.py prefetch --config <your config>` (or download {failed['url']}) and copy the "
+            f"file there, or set TORCH_HOME to a folder whose hub/pyiqa/ holds it."
         ) from err
     finally:
         download_util.DEFAULT_CACHE_DIR, download_util.download_url_to_file = saved
@@ -299,7 +302,7 @@ def score_images(
             import pyiqa
 
             # Weights may load at creation or on first use, so both happen inside the context.
-            with _pyiqa_weights(metric):
+            with pyiqa_weights(metric):
                 iqa = pyiqa.create_metric(metric, device=device)
                 full_reference = iqa.metric_mode == "FR"
                 if full_reference and gts is None:

@@ -62,6 +62,8 @@ class CISRDataset(Dataset):
         return self.length
 
     def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self):  # lets `for item in dataset` stop
+            raise IndexError(index)
         s, p, m = self.scale, self.lr_patch, _MARGIN
         hr_img = modcrop(self.cache.get(self.paths[index % len(self.paths)]), s)
         lr_h, lr_w = hr_img.shape[0] // s, hr_img.shape[1] // s

@@ -53,6 +53,8 @@ class GTCropDataset(Dataset):
         return self.length
 
     def __getitem__(self, index: int) -> dict:
+        if not 0 <= index < len(self):  # lets `for item in dataset` stop
+            raise IndexError(index)
         img = self.cache.get(self.paths[index % len(self.paths)])
         (crop,) = random_crop([img], self.patch)
         gt = to_tensor(crop)

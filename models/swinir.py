@@ -21,6 +21,7 @@ Efficiency notes (this network is benchmarked later):
     (plus the shift mask) as additive float mask; `use_sdpa=False` selects the plain
     softmax(q k^T * scale + bias) v path, which is the numerical reference.
 """
+import functools
 import math
 
 import torch
@@ -80,6 +81,15 @@ def shift_mask(height, width, window_size, shift):
     return torch.zeros(different.shape).masked_fill(different, -100.0)
 
 
+@functools.lru_cache(maxsize=16)
+def window_layout(height, width, window_size, shift, device):
+    """(order, inverse order, shift mask or None) for one input size, cached and shared by all blocks
+    (the masks of a large image are big: nW * N * N floats)."""
+    order = window_order(height, width, window_size, shift, device)
+    mask = shift_mask(height, width, window_size, shift).to(device) if shift else None
+    return order, order.argsort(), mask
+
+
 def pad_to_multiple(x, multiple):
     """Pad (B, C, H, W) at the bottom/right so H and W are multiples of `multiple`.
     Reflect padding, or replicate when the image is too small to reflect."""
@@ -102,8 +112,9 @@ class DropPath(nn.Module):
         if self.p == 0.0 or not self.training:
             return x
         keep = 1.0 - self.p
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
-        return x * mask / keep
+        # (B, 1, ...) mask already divided by keep: one multiply over x instead of two
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep).div_(keep)
+        return x * mask
 
 
 class Mlp(nn.Module):
@@ -143,9 +154,10 @@ class WindowAttention(nn.Module):
         windows, n, c = x.shape
         heads = self.num_heads
         # (B*nW, N, 3C) -> q, k, v each (B*nW, heads, N, C/heads), strided views of the qkv output
-        q, k, v = self.qkv(x).view(windows, n, 3, heads, c // heads).permute(2, 0, 3, 1, 4).unbind(0)
-        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
-        bias = bias.view(1, n, n, heads).permute(0, 3, 1, 2)  # (1, heads, N, N)
+        # (unbinding dim 2 in place lets the backward stack the three gradients straight into qkv's layout)
+        q, k, v = (t.transpose(1, 2) for t in self.qkv(x).view(windows, n, 3, heads, c // heads).unbind(2))
+        # gather from the (heads, table) view so the bias comes out contiguous: (1, heads, N, N)
+        bias = self.relative_position_bias_table.t()[:, self.relative_position_index.view(-1)].view(1, heads, n, n)
         if mask is not None:
             bias = bias + mask.to(bias.dtype).unsqueeze(1)  # (nW, heads, N, N)
         drop = self.attn_drop if self.training else 0.0
@@ -187,24 +199,12 @@ class SwinTransformerBlock(nn.Module):
         if shift_size:
             # saved in the official checkpoints, so kept as a (persistent) buffer for the training size
             self.register_buffer("attn_mask", shift_mask(*self.input_resolution, window_size, shift_size))
-        self._layouts = {}  # (H, W, device) -> (order, inverse order, mask): recomputed per input size
-
-    def _layout(self, height, width, device):
-        key = (height, width, device)
-        if key not in self._layouts:
-            order = window_order(height, width, self.window_size, self.shift_size, device)
-            mask = None
-            if self.shift_size and (height, width) != self.input_resolution:
-                mask = shift_mask(height, width, self.window_size, self.shift_size).to(device)
-            self._layouts[key] = (order, order.argsort(), mask)
-        order, inverse, mask = self._layouts[key]
-        if self.shift_size and mask is None:
-            mask = self.attn_mask  # read at call time: load_state_dict / .to() may have replaced it
-        return order, inverse, mask
 
     def forward(self, x, x_size):
         batch, length, channels = x.shape
-        order, inverse, mask = self._layout(x_size[0], x_size[1], x.device)
+        order, inverse, mask = window_layout(*x_size, self.window_size, self.shift_size, x.device)
+        if self.shift_size and tuple(x_size) == self.input_resolution:
+            mask = self.attn_mask  # the state-dict buffer (same values as the cached mask)
         # shift + partition in one gather: (B, H*W, C) -> (B*nW, ws*ws, C)
         windows = self.norm1(x).index_select(1, order).view(-1, self.window_size ** 2, channels)
         windows = self.attn(windows, mask)

@@ -111,13 +111,19 @@ def history(stages):
             for s in range(stages + 1)]
 
 
-def prompt(image=None, experts=(("PSNR", False, "PSNR, fidelity"),), **agent):
+def expert(name, lower_better, meaning, text=False, **kw):
+    return lossagent.Expert(name, lower_better, meaning, text=text, score_range=tuple(kw.get("range", ())) or None,
+                            cfg=lossagent.ExpertConfig(**kw))
+
+
+def prompt(image=None, experts=(expert("PSNR", False, "PSNR, fidelity"),), entries=None, fusion=False, **agent):
     cfg = Config()
     cfg.losses.names = NAMES
     cfg.feedback.count = 2
+    cfg.fusion.enabled = fusion
     for k, v in agent.items():
         setattr(cfg.agent, k, v)
-    system, user = build_messages(cfg, NAMES, list(experts), history(3), image)
+    system, user = build_messages(cfg, NAMES, list(experts), entries or history(3), image)
     assert system["role"] == "system" and user["role"] == "user"
     return system["content"], user["content"]
 
@@ -157,7 +163,7 @@ def test_prompt_format_example_switch():
 
 
 def test_prompt_each_expert_once_per_stage():
-    experts = (("PSNR", False, "PSNR, fidelity"), ("NIQE", True, "NIQE, naturalness"))
+    experts = (expert("PSNR", False, "PSNR, fidelity"), expert("NIQE", True, "NIQE, naturalness"))
     system, user = prompt(experts=experts)
     assert system.count("A lower NIQE score is better.") == 1 and system.count("A higher PSNR score is better.") == 1
     assert user.count("NIQE = ") == 4 and user.count("PSNR = ") == 4
@@ -293,7 +299,7 @@ def test_openai_agent_retries_then_gives_a_clear_error():
 def test_propose_weights_falls_back_when_nothing_parses():
     cfg = Config()
     cfg.losses.names, cfg.feedback.count = NAMES, 2
-    experts = [lossagent.Expert("PSNR", None, False, "PSNR", True)]
+    experts = [expert("PSNR", False, "PSNR")]
 
     class Replies:
         def __init__(self, replies):
@@ -321,3 +327,46 @@ def test_propose_weights_falls_back_when_nothing_parses():
 
     new, record, logs = lossagent.propose_weights(Down(), cfg, NAMES, experts, history(1), weights, 1)
     assert record["error"] == "the LLM server is down" and record["fallback"] == "perturb" and len(logs) == 2
+
+
+def test_prompt_for_a_text_expert_quotes_each_stage():
+    entries = history(2)
+    for e in entries:
+        e["scores"]["Co-Instruct"] = {"per_image": [f"stage {e['stage']} image one is blurry " + "x" * 50,
+                                                    f"stage {e['stage']} image two is noisy"]}
+    experts = (expert("Co-Instruct", None, "a quality description by an MLLM", text=True, max_chars=30),)
+    system, user = prompt(image=1, experts=experts, entries=entries)
+    assert "Its feedback is a description in words, not a number" in system
+    assert [f'Co-Instruct says: "stage {s} image two is noisy"' in user for s in (0, 1, 2)] == [True] * 3
+    assert "image one" not in user and "make the Co-Instruct description better" in user
+    _, pooled = prompt(experts=experts, entries=entries)
+    assert 'Co-Instruct on image 1: "stage 2 image one is blurry xx..."' in pooled  # cut at 30 chars
+    assert pooled.count("Co-Instruct on image 2:") == 3
+
+
+def test_prompt_marks_a_failed_expert_and_shows_the_fused_score():
+    entries = history(2)
+    del entries[1]["scores"]["NIQE"]
+    experts = (expert("PSNR", False, "PSNR", range=[20, 40]), expert("NIQE", True, "NIQE", range=[0, 10]))
+    system, user = prompt(experts=experts, entries=entries, fusion=True)
+    assert "NIQE: unavailable (the expert failed)" in user
+    assert user.count("Fused score = ") == 3 and "A higher fused score is better." in system
+    # Stage 2, mean scores: PSNR 27 -> (27-20)/20 = 0.35; NIQE 3.5 (lower better) -> 1 - 0.35 = 0.65; mean 0.5.
+    assert "Stage 2 (trained with weights L1:Perceptual:GAN=0.8:0.1:0.01):\n  PSNR = 27\n  NIQE = 3.5\n  Fused score = 0.5" in user
+
+
+def test_fused_score_by_hand():
+    psnr = lossagent.Expert("PSNR", False, "", full_reference=True, score_range=(20.0, 40.0))
+    niqe = lossagent.Expert("NIQE", True, "", score_range=(0.0, 10.0))
+    words = lossagent.Expert("Words", None, "", text=True)
+    scores = {"PSNR": {"per_image": [25.0, 35.0], "mean": 30.0}, "NIQE": {"per_image": [8.0, 2.0], "mean": 5.0},
+              "Words": {"per_image": ["ok", "ok"]}}
+    fusion = lossagent.FusionConfig(enabled=True)
+    assert lossagent.fused_score([psnr, niqe, words], scores, fusion) == pytest.approx((0.5 + 0.5) / 2)
+    assert lossagent.fused_score([psnr, niqe], scores, fusion, image=0) == pytest.approx((0.25 + 0.2) / 2)
+    fusion.profile = "fidelity"  # full-reference experts count 4x
+    assert lossagent.fused_score([psnr, niqe], scores, fusion, image=1) == pytest.approx((4 * 0.75 + 0.8) / 5)
+    fusion.profile, fusion.weights = "custom", {"NIQE": 1.0}
+    assert lossagent.fused_score([psnr, niqe], scores, fusion, image=1) == pytest.approx(0.8)
+    out_of_range = {"PSNR": {"per_image": [50.0], "mean": 50.0}}
+    assert lossagent.fused_score([psnr], out_of_range, lossagent.FusionConfig()) == 1.0

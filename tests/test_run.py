@@ -38,6 +38,7 @@ backend = "{backend}"
 model = "{model}"
 base_url = "{url}"
 retries = 0
+fallback = "keep"
 timeout = 5
 """
 
@@ -95,9 +96,9 @@ def test_run_with_openai_server_writes_the_run_directory(tmp_path, server):
     assert {"loss", "L1", "SSIM", "GAN", "D_real", "D_fake"} <= set(metrics[0])
     assert (run / "curves.png").stat().st_size > 1000 and "Format success rate: 100.00% (2/2)" in (run / "report.md").read_text()
     assert 'name = "tiny"' in (run / "config.toml").read_text()
-    ckpt = torch.load(run / "ckpt" / "last.pt", weights_only=False)
+    ckpt = torch.load(run / "ckpt" / "last.pt", weights_only=True)
     assert ckpt["stage"] == 2 and ckpt["config"]["agent"]["backend"] == "openai"
-    assert {"net", "optimizer", "net_d", "opt_d", "rng", "history"} <= set(ckpt)
+    assert {"params", "optimizer", "net_d", "opt_d", "rng", "history"} <= set(ckpt)
     assert (run / "ckpt" / "stage_1.pt").exists()
     assert "stage 1 done" in result.stdout and "| stage | iteration | weights |" in result.stdout
 

@@ -1,0 +1,29 @@
+"""A command expert for the tests: `expert_program.py MODE FOLDER`.
+
+score: the mean brightness of each restored image in FOLDER/images (as {"scores": {file: value}})
+text: a description of each image that names its brightness
+sleep / fail / garbage: misbehaves (too slow, exit status 3, stdout that is not JSON)
+"""
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+mode, folder = sys.argv[1], Path(sys.argv[2])
+files = sorted(p.name for p in (folder / "images").glob("*.png"))
+brightness = {f: float(np.asarray(Image.open(folder / "images" / f)).mean() / 255) for f in files}
+if mode == "score":
+    print(json.dumps({"scores": brightness}))
+elif mode == "text":
+    print(json.dumps({"texts": {f: f"The image is {'bright' if b > 0.4 else 'dark'}, slightly blurry ({b:.2f})."
+                                for f, b in brightness.items()}}))
+elif mode == "sleep":
+    time.sleep(60)
+elif mode == "fail":
+    print("the model file is missing", file=sys.stderr)
+    sys.exit(3)
+else:
+    print("Traceback? no: just not JSON")
