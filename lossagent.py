@@ -19,6 +19,9 @@ SLURM (one 8-GPU job; requeue-safe, reruns resume from the last stage):
 Evaluate a checkpoint on the configured benchmarks, or score a folder of images:
     python lossagent.py eval --config configs/cisr_niqe.toml --ckpt runs/cisr_niqe/ckpt/last.pt
     python lossagent.py eval --images path/to/folder --metrics niqe,psnr --out scores.json
+Check offline that every weight file the config needs is in place, or download them (login node):
+    python lossagent.py doctor --config configs/cisr_niqe.toml
+    python lossagent.py prefetch --config configs/cisr_niqe.toml
 
 Rerunning the same command continues a crashed or killed run from its last
 finished stage. Settings are overridden with `--set section.key=value`.
