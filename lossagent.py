@@ -146,7 +146,7 @@ class FusionConfig:
 
 @dataclass
 class AgentConfig:
-    backend: str = "transformers"  # transformers | openai | fixed (the baseline: weights never change)
+    backend: str = "transformers"  # transformers | openai | fixed (weights never change) | random | hillclimb (non-LLM controllers)
     model: str = ""  # HF id or local dir (package:NAME = a pip-installed model package); server model name for openai
     gguf_file: str = ""  # GGUF file inside `model` (transformers)
     dtype: str = "auto"  # transformers weights dtype: auto | float32 | bfloat16 | float16
@@ -165,7 +165,10 @@ class AgentConfig:
     direction_sentence: bool = True  # ablation switch: say whether lower or higher scores are better
     format_example: bool = True  # ablation switch: show an example reply
     fallback: str = "keep"  # when no reply parses: keep | perturb the previous weights
-    perturb_scale: float = 0.1  # relative size of the fallback's random change
+    perturb_scale: float = 0.1  # relative size of the fallback's (and the random controller's) random change
+    constrained: bool = False  # guarantee a well-formed Weights line: constrained decoding, or vLLM's guided_regex
+    step: float = 0.3  # hillclimb: first relative step of a weight (halved at every reversal)
+    experience: list = field(default_factory=list)  # experience.json files of earlier runs, shown in the system part
 
 
 @dataclass
@@ -186,6 +189,13 @@ class EvalConfig:
 
 
 @dataclass
+class ReflectionConfig:
+    enabled: bool = False  # undo a stage that made the objective worse, and ask the agent again
+    tolerance: float = 0.0  # relative worsening of any score expert (or drop of the fused score) that is tolerated
+    retries: int = 2  # R: at most this many retries of a stage; then its best attempt is kept
+
+
+@dataclass
 class OutputConfig:
     root: str = "runs"  # parent folder of run directories
     name: str = ""  # run directory name; "" = the config file's stem
@@ -203,6 +213,7 @@ class Config:
     experts: list = field(default_factory=lambda: [ExpertConfig()])
     fusion: FusionConfig = field(default_factory=FusionConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
+    reflection: ReflectionConfig = field(default_factory=ReflectionConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     benchmarks: list = field(default_factory=list)  # [[benchmarks]] tables for `lossagent.py eval`
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -305,7 +316,7 @@ def validate(cfg):
                "train.amp": (cfg.train.amp, ("off", "bf16", "fp16")),
                "train.device": (cfg.train.device, ("auto", "cpu", "cuda")),
                "feedback.degradation": (cfg.feedback.degradation, ("bicubic", "none", "noise", "realesrgan")),
-               "agent.backend": (cfg.agent.backend, ("transformers", "openai", "fixed")),
+               "agent.backend": (cfg.agent.backend, ("transformers", "openai", "fixed", "random", "hillclimb")),
                "agent.history": (cfg.agent.history, ("full", "last2")),
                "agent.fallback": (cfg.agent.fallback, ("keep", "perturb"))}
     choices.update({f"experts.{i}.direction": (e.direction, ("", "lower", "higher")) for i, e in enumerate(cfg.experts)})
@@ -337,7 +348,7 @@ def validate(cfg):
         raise ConfigError("two experts have the same name: give each a distinct `name`")
     if cfg.train.stages < 1 or cfg.train.iters_per_stage < 1 or cfg.feedback.count < 1:
         raise ConfigError("train.stages, train.iters_per_stage and feedback.count must be at least 1")
-    if cfg.agent.backend != "fixed" and not cfg.agent.model:
+    if cfg.agent.backend in ("transformers", "openai") and not cfg.agent.model:
         raise ConfigError(f"agent.model is empty: name the LLM for the {cfg.agent.backend} backend")
 
 
@@ -626,9 +637,10 @@ def weights_text(names, weights):
     return f"{':'.join(names)}={':'.join(fmt(w) for w in weights)}"
 
 
-def build_messages(cfg, names, experts, history, image=None):
+def build_messages(cfg, names, experts, history, image=None, experience=()):
     """The chat for one query: `image` is a feedback-image index (per-image mode) or None (all images, mean
-    scores). `experts` are Expert objects; `history` is the run's list of stage entries."""
+    scores). `experts` are Expert objects; `history` is the run's list of stage entries; `experience` the
+    texts distilled from earlier runs (agent.experience)."""
     a = cfg.agent
     network = cfg.task.description or {
         "cisr": f"a {cfg.model.arch} x{cfg.task.scale} super-resolution network for bicubic-downsampled images",
@@ -656,6 +668,9 @@ def build_messages(cfg, names, experts, history, image=None):
     system.append("You receive the loss weights used in every stage so far and the feedback that followed. "
                   "Your job is to choose the loss weights for the next stage so that the restored images get "
                   "the best possible feedback.")
+    texts = [t for t in experience if t]
+    if texts:
+        system.append("What earlier runs showed (use it as a hint, the history below comes first):\n" + "\n".join(texts))
 
     def quote(e, text):
         text = " ".join(text.split())
@@ -665,6 +680,8 @@ def build_messages(cfg, names, experts, history, image=None):
     lines = ["History:"]
     for entry in shown:
         label = "Before training" if entry["stage"] == 0 else f"Stage {entry['stage']}"
+        if entry.get("rolled_back"):
+            label += f", attempt {entry['attempt'] + 1}, UNDONE because it made things worse"
         verb = "initial weights" if entry["stage"] == 0 else "trained with weights"
         lines.append(f"{label} ({verb} {weights_text(names, [entry['weights'][n] for n in names])}):")
         for e in experts:
@@ -771,10 +788,48 @@ class AgentError(RuntimeError):
     """The LLM could not be reached or failed: the stage falls back, the run goes on."""
 
 
+def weights_line_ok(text, count, max_weight, complete=False):
+    """Is `text` the start (or, with complete=True, all) of `count` numbers x:y:z, each in [0, max_weight]?"""
+    parts = text.split(":")
+    if len(parts) > count or (complete and len(parts) != count):
+        return False
+    last = r"\d+(\.\d+)?" if complete else r"(\d+(\.\d*)?)?"
+    for k, part in enumerate(parts):
+        if not re.fullmatch(last if k == len(parts) - 1 else r"\d+(\.\d+)?", part) or len(part) > 6:
+            return False
+        if part and float(part.rstrip(".")) > max_weight:
+            return False
+    return not complete or any(float(p) > 0 for p in parts)
+
+
+class WeightsLineProcessor:
+    """A transformers logits processor: after the forced prefix 'Weights: A:B:C=', only the tokens that keep the
+    text a valid weights line may come, and the end only once it is complete. So every reply parses."""
+
+    def __init__(self, tokenizer, count, max_weight, prompt_len, eos_ids):
+        self.tokenizer, self.count, self.max_weight, self.prompt_len = tokenizer, count, max_weight, prompt_len
+        self.eos_ids = eos_ids
+        ids = sorted(tokenizer.get_vocab().values())
+        texts = tokenizer.batch_decode([[i] for i in ids])
+        self.pieces = [(i, p) for i, p in zip(ids, texts) if p and set(p) <= set("0123456789.:")]
+
+    def __call__(self, input_ids, scores):  # input_ids [B, prompt_len + generated], scores [B, vocab]
+        mask = torch.full_like(scores, float("-inf"))
+        for row in range(input_ids.shape[0]):
+            text = self.tokenizer.decode(input_ids[row, self.prompt_len:], skip_special_tokens=True)
+            allowed = [i for i, p in self.pieces if weights_line_ok(text + p, self.count, self.max_weight)]
+            if weights_line_ok(text, self.count, self.max_weight, complete=True):
+                allowed += self.eos_ids
+            if torch.isinf(scores[row, allowed]).all():  # top-p/top-k removed them all: choose among them evenly
+                scores[row, allowed] = 0.0
+            mask[row, allowed] = 0.0
+        return scores + mask
+
+
 class TransformersAgent:
     """A local Hugging Face model (directory, cached hub id, or GGUF file); all prompts of a stage in one batch."""
 
-    def __init__(self, cfg, device):
+    def __init__(self, cfg, device, names, max_weight):
         from transformers import AutoModelForCausalLM, AutoTokenizer
         path = resolve_model_path(cfg.model)
         extra = {"gguf_file": cfg.gguf_file} if cfg.gguf_file else {}
@@ -789,26 +844,35 @@ class TransformersAgent:
         self.tokenizer.padding_side = "left"  # generation continues from the end of every row
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
-        self.cfg, self.device = cfg, device
+        self.cfg, self.device, self.names, self.max_weight = cfg, device, names, max_weight
 
     def generate(self, conversations, seed):
-        texts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+        # Constrained: the reply starts with the Weights line, whose numbers the processor keeps well-formed.
+        prefix = f"Weights: {':'.join(self.names)}=" if self.cfg.constrained else ""
+        texts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) + prefix
+                 for c in conversations]
         batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        prompt_len = batch["input_ids"].shape[1]  # out: [B, prompt_len + new tokens]
         sampling = dict(do_sample=True, temperature=self.cfg.temperature, top_p=self.cfg.top_p) if self.cfg.do_sample else dict(do_sample=False)
+        if self.cfg.constrained:
+            eos = self.model.generation_config.eos_token_id
+            eos_ids = eos if isinstance(eos, list) else [eos if eos is not None else self.tokenizer.eos_token_id]
+            sampling["logits_processor"] = [WeightsLineProcessor(self.tokenizer, len(self.names), self.max_weight,
+                                                                 prompt_len, eos_ids)]
+            sampling["max_new_tokens"] = 7 * len(self.names) + 1  # each number has at most 6 characters
         # Sampling draws from torch's global RNG: fork it so the agent neither disturbs training
         # nor depends on it, and seed it by stage so a resumed run samples the same replies.
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), torch.no_grad():
             torch.manual_seed(seed)
-            out = self.model.generate(**batch, max_new_tokens=self.cfg.max_new_tokens,
-                                      pad_token_id=self.tokenizer.pad_token_id, **sampling)
-        prompt_len = batch["input_ids"].shape[1]  # out: [B, prompt_len + new tokens]
-        return [self.tokenizer.decode(row[prompt_len:], skip_special_tokens=True) for row in out]
+            out = self.model.generate(**batch, pad_token_id=self.tokenizer.pad_token_id,
+                                      **{"max_new_tokens": self.cfg.max_new_tokens, **sampling})
+        return [prefix + self.tokenizer.decode(row[prompt_len:], skip_special_tokens=True) for row in out]
 
 
 class OpenAIAgent:
     """Any OpenAI-compatible /v1/chat/completions server (vLLM, llama.cpp server, ...)."""
 
-    def __init__(self, cfg):
+    def __init__(self, cfg, names, max_weight):
         base = cfg.base_url or os.environ.get("OPENAI_BASE_URL", "")
         if not base:
             raise ConfigError("agent.base_url is empty and $OPENAI_BASE_URL is not set: give the server's URL, "
@@ -816,10 +880,15 @@ class OpenAIAgent:
         self.url = base.rstrip("/") + "/chat/completions"
         self.key = cfg.api_key or os.environ.get("OPENAI_API_KEY", "")
         self.cfg = cfg
+        number = r"\d{1,3}(\.\d{1,4})?"
+        # vLLM's guided decoding: the reply must match this (a regex cannot bound the values; the parser does).
+        self.regex = rf"Weights: {re.escape(':'.join(names))}={number}(:{number}){{{len(names) - 1}}}\nThoughts: [^\n]{{0,300}}"
 
     def ask(self, messages, seed):
         body = {"model": self.cfg.model, "messages": messages, "max_tokens": self.cfg.max_new_tokens, "seed": seed,
                 "temperature": self.cfg.temperature if self.cfg.do_sample else 0.0, "top_p": self.cfg.top_p}
+        if self.cfg.constrained:
+            body["guided_regex"] = self.regex
         headers = {"Content-Type": "application/json"}
         if self.key:
             headers["Authorization"] = f"Bearer {self.key}"
@@ -846,20 +915,22 @@ class OpenAIAgent:
 
 
 def make_agent(cfg, device):
-    if cfg.backend == "transformers":
-        return TransformersAgent(cfg, device)
-    if cfg.backend == "openai":
-        return OpenAIAgent(cfg)
-    return None  # fixed: the paper's baseline
+    """The LLM of the run, or None for the fixed baseline and the non-LLM controllers."""
+    if cfg.agent.backend == "transformers":
+        return TransformersAgent(cfg.agent, device, cfg.losses.names, cfg.losses.max_weight)
+    if cfg.agent.backend == "openai":
+        return OpenAIAgent(cfg.agent, cfg.losses.names, cfg.losses.max_weight)
+    return None
 
 
-def propose_weights(agent, cfg, names, experts, history, weights, stage, expert_errors=None):
+def propose_weights(agent, cfg, names, experts, history, weights, stage, expert_errors=None, experience=()):
     """Asks the agent for the next stage's weights. Returns (weights, record for history, one log line per reply).
     When an expert failed this stage the agent is not asked: its feedback would be incomplete."""
     a = cfg.agent
     images = [] if expert_errors else range(cfg.feedback.count) if a.per_image else [None]
-    conversations = [build_messages(cfg, names, experts, history, image) for image in images]
-    seed = a.seed * 100_003 + stage
+    conversations = [build_messages(cfg, names, experts, history, image, experience) for image in images]
+    attempt = history[-1].get("attempt", 0)
+    seed = a.seed * 100_003 + stage * 101 + attempt  # a retried stage samples anew
     start, replies = time.time(), [None] * len(conversations)
     error = f"experts failed: {expert_errors}" if expert_errors else None
     try:
@@ -873,11 +944,7 @@ def propose_weights(agent, cfg, names, experts, history, weights, stage, expert_
     if valid:
         new = average_proposals(valid)
     elif a.fallback == "perturb":
-        # Seeded by the stage, so a resumed run perturbs the same way; zero weights stay off.
-        rng = np.random.default_rng([cfg.train.seed, stage])
-        new = [float(np.clip(w * (1 + rng.uniform(-a.perturb_scale, a.perturb_scale)),
-                             cfg.losses.min_weight, cfg.losses.max_weight)) for w in weights]
-        fallback = "perturb"
+        new, fallback = perturb(cfg, weights, stage), "perturb"
     else:
         new, fallback = list(weights), "keep"
     logs = [{"stage": stage, "image": image, "messages": c, "reply": r, "weights": p, "ok": p is not None,
@@ -886,6 +953,80 @@ def propose_weights(agent, cfg, names, experts, history, weights, stage, expert_
     record = {"proposals": parsed, "next_weights": dict(zip(names, new)), "fallback": fallback, "error": error,
               "parse_ok": len(valid), "parse_total": len(parsed)}
     return new, record, logs
+
+
+def perturb(cfg, weights, stage):
+    """The paper's third rule alone: each weight times 1 + U(-s, s). Seeded by the stage, so a resumed run
+    perturbs the same way; a weight at 0 stays off."""
+    rng = np.random.default_rng([cfg.train.seed, stage])
+    s = cfg.agent.perturb_scale
+    return [float(np.clip(w * (1 + rng.uniform(-s, s)), cfg.losses.min_weight, cfg.losses.max_weight)) for w in weights]
+
+
+def objective_changes(experts, before, after):
+    """Relative change of each score expert from one history entry to the next, signed so that > 0 is better."""
+    changes = {}
+    for e in experts:
+        if not e.text and e.name in before["scores"] and e.name in after["scores"]:
+            b, a = before["scores"][e.name]["mean"], after["scores"][e.name]["mean"]
+            change = (a - b) / max(abs(b), 1e-12)
+            changes[e.name] = -change if e.lower_better else change
+    return changes
+
+
+def controller_weights(cfg, experts, history, weights, stage):
+    """Non-LLM controllers with the agent's interface, to answer "does the LLM beat a simple rule?".
+    random: the paper's third rule alone. hillclimb: one weight at a time; keep its direction while the objective
+    (fused score, else the mean relative change of the score experts) improves; when it worsens, undo the move,
+    reverse and halve the step; after two reversals go on to the next weight. Its state lives in the history."""
+    if cfg.agent.backend == "random":
+        return perturb(cfg, weights, stage), {"controller": "random"}
+    kept = [h for h in history if not h.get("rolled_back")]
+    state = kept[-2].get("controller") if len(kept) >= 2 else None
+    new, names = list(weights), cfg.losses.names
+    movable = [i for i, w in enumerate(weights) if w > 0]  # a multiplicative step cannot revive a weight at 0
+    if state is None:
+        state = {"index": movable[0], "direction": 1, "step": cfg.agent.step, "reversals": 0}
+    else:
+        state = dict(state)
+        if cfg.fusion.enabled and kept[-1].get("fused") is not None and kept[-2].get("fused") is not None:
+            change = kept[-1]["fused"] - kept[-2]["fused"]
+        else:
+            change = float(np.mean(list(objective_changes(experts, kept[-2], kept[-1]).values()) or [0.0]))
+        if change <= 0:
+            i = state["index"]
+            new[i] = kept[-2]["weights"][names[i]]  # undo the move that did not help
+            state.update(direction=-state["direction"], step=state["step"] / 2, reversals=state["reversals"] + 1)
+            if state["reversals"] == 2:
+                later = [j for j in movable if j > i] or movable
+                state.update(index=later[0], direction=1, reversals=0)
+    i = state["index"]
+    new[i] = float(np.clip(new[i] * (1 + state["direction"] * state["step"]), cfg.losses.min_weight, cfg.losses.max_weight))
+    return new, {"controller": state}
+
+
+def distil_experience(cfg, experts, history):
+    """Experience memory: which weight changes moved which expert, by how much, how often, over a run's kept stages.
+    Returns the structured summary and the text a later run shows its agent (agent.experience)."""
+    names, kept = cfg.losses.names, [h for h in history if not h.get("rolled_back")]
+    effects = {}
+    for before, after in zip(kept[1:], kept[2:]):  # the weights of `after` moved from those of `before`
+        for n in names:
+            if after["weights"][n] == before["weights"][n]:
+                continue
+            way = "raising" if after["weights"][n] > before["weights"][n] else "lowering"
+            for expert, change in objective_changes(experts, before, after).items():
+                row = effects.setdefault((n, way, expert), {"times": 0, "better": 0, "changes": []})
+                row["times"] += 1
+                row["better"] += change > 0
+                row["changes"].append(change)
+    rows = [{"loss": n, "change": way, "expert": e, "times": r["times"], "better": r["better"],
+             "mean_relative_change": float(np.mean(r["changes"]))} for (n, way, e), r in effects.items()]
+    lines = [f"- {r['change'].capitalize()} {r['loss']} made {r['expert']} better {r['better']} of {r['times']} times "
+             f"(mean relative change {100 * r['mean_relative_change']:+.1f}%, positive = better)." for r in rows]
+    text = (f"In an earlier run ({cfg.output.name}: {cfg.task.name}, losses {':'.join(names)}):\n" + "\n".join(lines)
+            if lines else "")
+    return {"run": cfg.output.name, "names": names, "rules": rows, "text": text}
 
 
 # -----------------------------------------------------------------------------
@@ -939,6 +1080,66 @@ def check_weights(cfg, download=False, experts=True):
     return rows
 
 
+def reflect(cfg, experts, history, stage, attempt):
+    """Reflection: was this attempt at `stage` worse than the last kept stage by more than the tolerance?
+    Returns (retry, attempt to keep). After R retries the best attempt of the stage is kept."""
+    before = next(h for h in reversed(history) if h["stage"] < stage and not h.get("rolled_back"))
+    attempts = [h for h in history if h["stage"] == stage]
+
+    def change(after):  # > 0 is better: the fused score's rise, else the worst relative change of a score expert
+        if cfg.fusion.enabled and before.get("fused") is not None and after.get("fused") is not None:
+            return after["fused"] - before["fused"]
+        return min(objective_changes(experts, before, after).values(), default=0.0)
+
+    if change(attempts[-1]) >= -cfg.reflection.tolerance:
+        return False, attempt
+    if attempt < cfg.reflection.retries:
+        return True, attempt
+    return False, max(attempts, key=change)["attempt"]
+
+
+def save_training_state(ckpt_dir, stage, attempt, raw_net, optimizer, gan, ema, scaler, ddp, world, device, is_main,
+                        name="last.pt", **extra):
+    """Writes everything training needs to go on after `stage` (at `attempt` of the next one) atomically.
+    Every rank takes part (the RNG states are gathered); rank 0 writes."""
+    rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+           "numpy": [x.tolist() if isinstance(x, np.ndarray) else x for x in np.random.get_state()],
+           "python": random.getstate()}
+    rngs = [None] * world if ddp else [rng]
+    if ddp:
+        dist.all_gather_object(rngs, rng)  # each rank resumes its own random stream
+    if is_main:
+        # The network under BasicSR's names, so models.load_pretrained and `eval` read it like an official file.
+        ckpt = {"stage": stage, "attempt": attempt, "params": raw_net.state_dict(), "optimizer": optimizer.state_dict(),
+                "net_d": gan.net_d.state_dict() if gan is not None else None,
+                "opt_d": gan.opt_d.state_dict() if gan is not None else None, "scaler": scaler.state_dict(),
+                "rng": rngs, **extra}
+        if ema is not None:
+            ckpt["params_ema"] = ema.state_dict()
+        if name != "last.pt":  # an attempt's state: the run's bookkeeping stays in last.pt
+            ckpt = {k: v for k, v in ckpt.items() if k not in ("history", "weights", "config")}
+        write_atomic(ckpt_dir / name, lambda p: torch.save(ckpt, p))
+    if ddp:
+        dist.barrier()  # the file exists for every rank before anyone may read it
+
+
+def load_training_state(ckpt, raw_net, optimizer, gan, ema, scaler, rank, device):
+    raw_net.load_state_dict(ckpt["params"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if gan is not None:
+        gan.net_d.load_state_dict(ckpt["net_d"])
+        gan.opt_d.load_state_dict(ckpt["opt_d"])
+    if ema is not None:
+        ema.load_state_dict(ckpt["params_ema"])
+    scaler.load_state_dict(ckpt["scaler"])
+    rng = ckpt["rng"][rank]
+    torch.set_rng_state(rng["torch"].cpu())
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(rng["cuda"].cpu(), device)
+    np.random.set_state(tuple(rng["numpy"]))
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in rng["python"]))
+
+
 def build_network(cfg):
     if cfg.model.arch == "SwinIR":
         from models.swinir import SwinIR as Net
@@ -957,10 +1158,12 @@ def write_atomic(path, write):
     os.replace(tmp, path)
 
 
-def keep_finished(path, last_stage):
-    """On resume, drops the log lines of the stage that was interrupted (and anything after it)."""
+def keep_finished(path, last_stage, attempt):
+    """On resume, drops the log lines of the interrupted attempt (and anything after it)."""
+    def finished(record):
+        return record["stage"] <= last_stage or (record["stage"] == last_stage + 1 and record.get("attempt", 0) < attempt)
     if path.exists():
-        lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["stage"] <= last_stage]
+        lines = [line for line in path.read_text().splitlines() if line and finished(json.loads(line))]
         write_atomic(path, lambda p: p.write_text("".join(line + "\n" for line in lines)))
 
 
@@ -980,15 +1183,21 @@ def save_plot(history, names, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    stages = [h["stage"] for h in history]
+    kept = [not h.get("rolled_back") for h in history]
+    stages = np.array([h["stage"] for h in history])
     experts = score_columns(history)
     fig, axes = plt.subplots(1, 1 + len(experts), figsize=(4.5 * (1 + len(experts)), 3.5), squeeze=False)
-    for n in names:
-        axes[0, 0].plot(stages, [h["weights"][n] for h in history], marker="o", label=n)
+    curves = [(axes[0, 0], [[h["weights"][n] for h in history] for n in names], names)]
+    curves += [(ax, [values], [None]) for ax, (_, values) in zip(axes[0, 1:], experts)]
+    for ax, lines, labels in curves:
+        for values, label in zip(lines, labels):
+            values = np.array([np.nan if v is None else v for v in values], dtype=float)
+            ax.plot(stages[kept], values[kept], marker="o", label=label)
+            if not all(kept):  # undone attempts (reflection): crosses where they landed
+                ax.plot(stages[~np.array(kept)], values[~np.array(kept)], "rx", markersize=9)
     axes[0, 0].set(title="loss weights", xlabel="stage", yscale="symlog", ylabel="weight")
     axes[0, 0].legend()
-    for ax, (e, values) in zip(axes[0, 1:], experts):
-        ax.plot(stages, [np.nan if v is None else v for v in values], marker="o")
+    for ax, (e, _) in zip(axes[0, 1:], experts):
         ax.set(title=f"{e} (mean over feedback images)", xlabel="stage")
     fig.tight_layout()
     write_atomic(path, lambda p: fig.savefig(p, format="png", dpi=100))
@@ -1000,13 +1209,17 @@ def write_report(run_dir, cfg, names, history, parse_ok, parse_total):
     experts = [name for name, _ in columns]
     rows = [f"| {h['stage']} | {h['iteration']} | {weights_text(names, [h['weights'][n] for n in names])} | "
             + " | ".join("—" if values[i] is None else fmt(values[i]) for _, values in columns)
-            + f" | {h.get('parse_ok', '')}/{h.get('parse_total', '')} | {h.get('fallback') or ''} |" for i, h in enumerate(history)]
+            + f" | {h.get('parse_ok', '')}/{h.get('parse_total', '')} | {h.get('fallback') or ''}"
+            + (" | undone |" if h.get("rolled_back") else " | |") for i, h in enumerate(history)]
     rate = f"{100 * parse_ok / parse_total:.2f}% ({parse_ok}/{parse_total})" if parse_total else "no queries"
+    undone = sum(bool(h.get("rolled_back")) for h in history)
+    if undone:
+        rate += f" Reflection undid {undone} attempts ({undone * cfg.train.iters_per_stage} extra iterations)."
     text = "\n".join([f"# {cfg.output.name}", "",
                       f"Task {cfg.task.name}, {cfg.model.arch}, agent {cfg.agent.backend} {cfg.agent.model}. "
                       f"Format success rate: {rate}.", "",
-                      f"| stage | iteration | weights | {' | '.join(experts)} | parsed | fallback |",
-                      "|" + "---|" * (5 + len(experts)), *rows, "", "![curves](curves.png)", ""])
+                      f"| stage | iteration | weights | {' | '.join(experts)} | parsed | fallback | reflection |",
+                      "|" + "---|" * (6 + len(experts)), *rows, "", "![curves](curves.png)", ""])
     write_atomic(run_dir / "report.md", lambda p: p.write_text(text))
     return text
 
@@ -1191,10 +1404,10 @@ def run(cfg):
         if missing_gt:
             raise ConfigError(f"experts {missing_gt} need ground truth, but the feedback images have none "
                               f"(feedback.degradation = '{f.degradation}')")
-        agent = make_agent(cfg.agent, device)
+        agent = make_agent(cfg, device)
 
     weights = [float(w) for w in cfg.losses.weights]
-    history, parse_ok, parse_total, first_stage = [], 0, 0, 1
+    history, parse_ok, parse_total, stage, attempt = [], 0, 0, 1, 0
     if resume:
         ckpt = torch.load(ckpt_dir / "last.pt", map_location=device, weights_only=True)
         changed = [k for k in ("task", "model", "losses", "data", "feedback", "experts")
@@ -1203,26 +1416,13 @@ def run(cfg):
         if changed:
             raise ConfigError(f"{run_dir} holds a run with different settings ({', '.join(changed)}); "
                               "choose another --set output.name=... or remove that folder")
-        raw_net.load_state_dict(ckpt["params"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if gan is not None:
-            gan.net_d.load_state_dict(ckpt["net_d"])
-            gan.opt_d.load_state_dict(ckpt["opt_d"])
-        if ema is not None:
-            ema.load_state_dict(ckpt["params_ema"])
-        scaler.load_state_dict(ckpt["scaler"])
-        rng = ckpt["rng"][rank]
-        torch.set_rng_state(rng["torch"])
-        if use_cuda:
-            torch.cuda.set_rng_state(rng["cuda"], device)
-        np.random.set_state(tuple(rng["numpy"]))
-        random.setstate(rng["python"])
-        history, weights = ckpt["history"], ckpt["weights"]
-        parse_ok, parse_total, first_stage = ckpt["parse_ok"], ckpt["parse_total"], ckpt["stage"] + 1
+        load_training_state(ckpt, raw_net, optimizer, gan, ema, scaler, rank, device)
+        history, weights, parse_ok, parse_total = ckpt["history"], ckpt["weights"], ckpt["parse_ok"], ckpt["parse_total"]
+        stage, attempt = ckpt["stage"] + 1, ckpt["attempt"]
         if is_main:
             for log in ("metrics.jsonl", "agent.jsonl"):
-                keep_finished(run_dir / log, ckpt["stage"])
-            print(f"resuming {run_dir} after stage {ckpt['stage']}")
+                keep_finished(run_dir / log, ckpt["stage"], attempt)
+            print(f"resuming {run_dir} after stage {ckpt['stage']}" + (f", at attempt {attempt + 1} of stage {stage}" if attempt else ""))
         del ckpt
     else:
         # Different seeds per rank so that stochastic layers (drop path) differ across ranks, as in one big batch.
@@ -1230,18 +1430,23 @@ def run(cfg):
         np.random.seed(cfg.train.seed + rank)
         random.seed(cfg.train.seed + rank)
 
+    experience = [json.loads(Path(p).read_text())["text"] for p in cfg.agent.experience]
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         ckpt_dir.mkdir(exist_ok=True)
         write_atomic(run_dir / "config.toml", lambda p: p.write_text(to_toml(asdict(cfg)) + "\n"))
-        if not history:
+        print(f"run {run_dir}: {cfg.train.stages} stages x {cfg.train.iters_per_stage} iterations, "
+              f"losses {':'.join(names)}, experts {', '.join(e.name for e in experts)}, agent {cfg.agent.backend}, "
+              f"{world} rank(s) on {device}")
+    if not history:
+        if is_main:
             # Stage 0: the score before any training (the paper's "initial score").
             restored = restore_feedback(raw_net, feedback, device, autocast)
             history.append({"stage": 0, "iteration": 0, "weights": dict(zip(names, weights)),
                             **judge_stage(cfg, experts, restored, feedback, 0, run_dir)})
-        print(f"run {run_dir}: {cfg.train.stages} stages x {cfg.train.iters_per_stage} iterations, "
-              f"losses {':'.join(names)}, experts {', '.join(e.name for e in experts)}, agent {cfg.agent.backend}, "
-              f"{world} rank(s) on {device}")
+        # Saved like a finished stage: a retry of stage 1 (reflection) and a resume start from it.
+        save_training_state(ckpt_dir, 0, 0, raw_net, optimizer, gan, ema, scaler, ddp, world, device, is_main,
+                            history=history, weights=weights, parse_ok=0, parse_total=0, config=asdict(cfg))
     feedback_names = [item["name"] for item in feedback]
     if cfg.task.name == "risr":
         from data.risr import RealESRGANDegradation
@@ -1249,7 +1454,7 @@ def run(cfg):
     if cfg.losses.sharpen_gt:
         from losses import usm_sharp
 
-    for stage in range(first_stage, cfg.train.stages + 1):
+    while stage <= cfg.train.stages:
         iteration = (stage - 1) * cfg.train.iters_per_stage
         active = [(n, w) for n, w in zip(names, weights) if w > 0]  # zero-weight losses are not computed
         update_d = gan is not None and (weights[names.index("GAN")] > 0 or gan.update_when_zero)
@@ -1287,7 +1492,7 @@ def run(cfg):
             iteration += 1
             if is_main and (step % cfg.train.log_every == 0 or step == cfg.train.iters_per_stage):
                 # .item() syncs with the device: only at logging steps.
-                record = {"stage": stage, "iteration": iteration, "loss": total.item(),
+                record = {"stage": stage, "attempt": attempt, "iteration": iteration, "loss": total.item(),
                           **{n: v.item() for n, v in terms.items()}, **{k: v.item() for k, v in d_terms.items()},
                           "it_per_s": step / (time.time() - start)}
                 with open(run_dir / "metrics.jsonl", "a") as fh:
@@ -1296,51 +1501,75 @@ def run(cfg):
                       + " ".join(f"{n} {terms[n].item():.4f}" for n, _ in active) + f" | {record['it_per_s']:.2f} it/s",
                       flush=True)
 
-        # End of stage: rank 0 restores, scores and asks the agent; every rank gets the new weights.
-        entry = {"stage": stage, "iteration": iteration, "weights": dict(zip(names, weights))}
+        # End of stage: rank 0 restores, scores, reflects and asks the agent; every rank follows its decisions.
+        entry = {"stage": stage, "attempt": attempt, "iteration": iteration, "weights": dict(zip(names, weights))}
+        retry, keep = False, attempt  # keep: the attempt whose result this stage ends with
         if is_main:
             restored = restore_feedback(ema if ema is not None else raw_net, feedback, device, autocast)
             entry.update(judge_stage(cfg, experts, restored, feedback, stage, run_dir))
             history.append(entry)
-            if agent is not None and stage < cfg.train.stages:
+            if cfg.reflection.enabled:
+                retry, keep = reflect(cfg, experts, history, stage, attempt)
+        if ddp:
+            decision = torch.tensor([retry, keep], device=device)
+            dist.broadcast(decision, 0)
+            retry, keep = bool(decision[0]), int(decision[1])
+        if cfg.reflection.enabled:
+            # Every attempt's end state is kept until the stage is decided, so the best one can be taken back.
+            save_training_state(ckpt_dir, stage - 1, attempt, raw_net, optimizer, gan, ema, scaler, ddp, world, device,
+                                is_main, name=f"stage_{stage}_attempt_{attempt}.pt")
+            if retry or keep != attempt:
+                # Undo: back to the start of the stage (retry), or to the end of its best attempt.
+                path = ckpt_dir / ("last.pt" if retry else f"stage_{stage}_attempt_{keep}.pt")
+                load_training_state(torch.load(path, map_location=device, weights_only=True),
+                                    raw_net, optimizer, gan, ema, scaler, rank, device)
+        if is_main and (retry or keep != attempt):
+            for h in history:
+                if h["stage"] == stage:
+                    h["rolled_back"] = retry or h["attempt"] != keep
+            entry = next(h for h in history if h["stage"] == stage and not h["rolled_back"]) if not retry else entry
+            print(f"stage {stage} attempt {attempt + 1}: " + ("worse than before, undone; asking again" if retry else
+                  f"no retry was better: keeping attempt {keep + 1}"), flush=True)
+        if is_main and (stage < cfg.train.stages or retry):
+            if cfg.agent.backend in ("random", "hillclimb"):
+                weights, record = controller_weights(cfg, experts, history, weights, stage)
+                record["next_weights"] = dict(zip(names, weights))
+                logs = [{"stage": stage, "attempt": attempt, "controller": cfg.agent.backend, "weights": weights, "ok": True}]
+            elif agent is not None:
                 weights, record, logs = propose_weights(agent, cfg, names, experts, history, weights, stage,
-                                                        entry.get("expert_errors"))
-                entry.update(record)
+                                                        entry.get("expert_errors"), experience)
                 parse_ok, parse_total = parse_ok + record["parse_ok"], parse_total + record["parse_total"]
-                if logs:
-                    with open(run_dir / "agent.jsonl", "a") as fh:
-                        fh.writelines(json.dumps(log) + "\n" for log in logs)
+            else:
+                record, logs = {}, []
+            entry.update(record)
+            if logs:
+                with open(run_dir / "agent.jsonl", "a") as fh:
+                    fh.writelines(json.dumps({**log, "attempt": attempt}) + "\n" for log in logs)
+        if is_main:
             print(f"stage {stage} done: " + ", ".join(f"{k} {fmt(v['mean'])}" for k, v in entry["scores"].items() if "mean" in v)
                   + (f" | next {weights_text(names, weights)}" + (f" (fallback: {entry['fallback']})" if entry.get("fallback") else "")
-                     if stage < cfg.train.stages else ""), flush=True)
+                     if stage < cfg.train.stages or retry else ""), flush=True)
         if ddp:
             shared = torch.tensor(weights, dtype=torch.float64, device=device)
             dist.broadcast(shared, 0)
             weights = shared.tolist()
-        rng = {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(device) if use_cuda else None,
-               "numpy": [x.tolist() if isinstance(x, np.ndarray) else x for x in np.random.get_state()],
-               "python": random.getstate()}
-        rngs = [None] * world
-        if ddp:
-            dist.all_gather_object(rngs, rng)  # each rank resumes its own random stream
-        else:
-            rngs = [rng]
+        stage, attempt = (stage, attempt + 1) if retry else (stage + 1, 0)
+        state = dict(history=history, weights=weights, parse_ok=parse_ok, parse_total=parse_total, config=asdict(cfg))
+        save_training_state(ckpt_dir, stage - 1, attempt, raw_net, optimizer, gan, ema, scaler, ddp, world, device,
+                            is_main, **state)
         if is_main:
-            # The network under BasicSR's names, so models.load_pretrained and `eval` read it like an official file.
-            ckpt = {"stage": stage, "params": raw_net.state_dict(), "optimizer": optimizer.state_dict(),
-                    "net_d": gan.net_d.state_dict() if gan is not None else None,
-                    "opt_d": gan.opt_d.state_dict() if gan is not None else None, "scaler": scaler.state_dict(),
-                    "rng": rngs, "history": history, "weights": weights, "parse_ok": parse_ok,
-                    "parse_total": parse_total, "config": asdict(cfg)}
-            if ema is not None:
-                ckpt["params_ema"] = ema.state_dict()
-            write_atomic(ckpt_dir / "last.pt", lambda p: torch.save(ckpt, p))
-            if cfg.output.stage_checkpoints:
-                write_atomic(ckpt_dir / f"stage_{stage}.pt", lambda p: torch.save(ckpt, p))
+            if cfg.output.stage_checkpoints and not retry:
+                write_atomic(ckpt_dir / f"stage_{stage - 1}.pt", lambda p: shutil.copyfile(ckpt_dir / "last.pt", p))
+            if not retry:
+                for old in ckpt_dir.glob(f"stage_{stage - 1}_attempt_*.pt"):
+                    old.unlink()
+            extra = sum(cfg.train.iters_per_stage for h in history if h.get("rolled_back"))
             summary = {"names": names, "feedback": feedback_names,
                        "experts": [{"name": e.name, "lower_better": e.lower_better, "meaning": e.meaning} for e in experts],
-                       "parse_ok": parse_ok, "parse_total": parse_total, "stages": history}
+                       "parse_ok": parse_ok, "parse_total": parse_total, "extra_iterations": extra, "stages": history}
             write_atomic(run_dir / "history.json", lambda p: p.write_text(json.dumps(summary, indent=1)))
+            write_atomic(run_dir / "experience.json",
+                         lambda p: p.write_text(json.dumps(distil_experience(cfg, experts, history), indent=1)))
             save_plot(history, names, run_dir / "curves.png")
             write_report(run_dir, cfg, names, history, parse_ok, parse_total)
 

@@ -2,6 +2,7 @@
 
 score: the mean brightness of each restored image in FOLDER/images (as {"scores": {file: value}})
 text: a description of each image that names its brightness
+sequence STATE v0,v1,...: the k-th call scores every image v_k (STATE counts the calls), to script a worsening
 sleep / fail / garbage: misbehaves (too slow, exit status 3, stdout that is not JSON)
 """
 import json
@@ -12,11 +13,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-mode, folder = sys.argv[1], Path(sys.argv[2])
+mode, folder = sys.argv[1], Path(sys.argv[-1])
 files = sorted(p.name for p in (folder / "images").glob("*.png"))
 brightness = {f: float(np.asarray(Image.open(folder / "images" / f)).mean() / 255) for f in files}
 if mode == "score":
     print(json.dumps({"scores": brightness}))
+elif mode == "sequence":
+    state, values = Path(sys.argv[2]), [float(v) for v in sys.argv[3].split(",")]
+    call = int(state.read_text()) if state.exists() else 0
+    state.write_text(str(call + 1))
+    print(json.dumps({"scores": {f: values[min(call, len(values) - 1)] for f in files}}))
 elif mode == "text":
     print(json.dumps({"texts": {f: f"The image is {'bright' if b > 0.4 else 'dark'}, slightly blurry ({b:.2f})."
                                 for f, b in brightness.items()}}))

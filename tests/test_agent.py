@@ -1,11 +1,8 @@
 """Unit tests of the agent side of lossagent.py: parser, proposal averaging, prompt, config, OpenAI client."""
-import json
 import math
 import re
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -13,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lossagent
+from conftest import ChatServer
 from lossagent import (AgentConfig, AgentError, Config, ConfigError, OpenAIAgent, average_proposals, build_messages,
                        load_config, parse_weights, to_toml)
 
@@ -198,7 +196,7 @@ def test_config_include_and_overrides(tmp_path):
     ("train.stages=three", "train.stages must be int, got 'three'"),
     ("train.stages=2.5", "train.stages must be int"),
     ("agent.per_image=1", "agent.per_image must be bool"),
-    ("agent.backend=gpt", "agent.backend = 'gpt' is not one of: transformers, openai, fixed"),
+    ("agent.backend=gpt", "agent.backend = 'gpt' is not one of: transformers, openai, fixed, random, hillclimb"),
     ("trainer.stages=3", "expected section.key with section one of: task, model"),
     ("losses.weights=[1.0]", "must be non-empty lists of the same length"),
     ("losses.weights=[1.0, 0.1, 50.0]", "outside [losses.min_weight, losses.max_weight]"),
@@ -233,45 +231,10 @@ def test_every_config_in_configs_loads():
         load_config(path)
 
 
-class ChatServer:
-    """A tiny OpenAI-compatible server on 127.0.0.1: answers with `reply(body)`, or fails `fail` times first."""
-
-    def __init__(self, reply, fail=0, status=500):
-        self.requests, self.fail = [], fail
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                server.requests.append((self.path, dict(self.headers), body))
-                if server.fail > 0:
-                    server.fail -= 1
-                    self.send_response(status)
-                    self.end_headers()
-                    return
-                data = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply(body)}}]}).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 def test_openai_agent_sends_chat_requests_concurrently():
     server = ChatServer(lambda body: f"Weights: L1:GAN=0.5:{len(body['messages'])}")
     try:
-        agent = OpenAIAgent(AgentConfig(backend="openai", model="llama3", base_url=server.url, api_key="k", concurrency=4))
+        agent = OpenAIAgent(AgentConfig(backend="openai", model="llama3", base_url=server.url, api_key="k", concurrency=4), NAMES, 10.0)
         replies = agent.generate([[{"role": "user", "content": str(i)}] for i in range(6)], seed=7)
     finally:
         server.close()
@@ -284,14 +247,14 @@ def test_openai_agent_sends_chat_requests_concurrently():
 def test_openai_agent_retries_then_gives_a_clear_error():
     server = ChatServer(lambda body: "Weights: 1:1", fail=2)
     try:
-        agent = OpenAIAgent(AgentConfig(backend="openai", model="m", base_url=server.url, retries=2))
+        agent = OpenAIAgent(AgentConfig(backend="openai", model="m", base_url=server.url, retries=2), NAMES, 10.0)
         assert agent.generate([[{"role": "user", "content": "x"}]], seed=0) == ["Weights: 1:1"]
         server.fail = 10
         with pytest.raises(AgentError, match="failed after 3 tries.*HTTP 500.*check that it is running"):
             agent.generate([[{"role": "user", "content": "x"}]], seed=0)
     finally:
         server.close()
-    down = OpenAIAgent(AgentConfig(backend="openai", model="m", base_url="http://127.0.0.1:9/v1", retries=0, timeout=2))
+    down = OpenAIAgent(AgentConfig(backend="openai", model="m", base_url="http://127.0.0.1:9/v1", retries=0, timeout=2), NAMES, 10.0)
     with pytest.raises(AgentError, match="127.0.0.1:9/v1/chat/completions failed after 1 tries"):
         down.generate([[{"role": "user", "content": "x"}]], seed=0)
 

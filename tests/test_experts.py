@@ -6,11 +6,10 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
-from test_run import ROOT, lossagent, read_jsonl, server, tiny_config  # noqa: F401 (server is a fixture)
+from test_run import ROOT, lossagent, read_jsonl, tiny_config
 
 PROGRAM = [sys.executable, str(ROOT / "tests" / "expert_program.py")]
 NIQE_FILE = ROOT.parent / "shared" / "data" / "niqe_modelparameters.mat"

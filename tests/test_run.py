@@ -1,7 +1,6 @@
 """End-to-end runs of lossagent.py as a subprocess, on CPU, with tiny networks and real photos."""
 import json
 import os
-import re
 import signal
 import subprocess
 import sys
@@ -11,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_agent import ChatServer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,21 +54,8 @@ def lossagent(config, tmp_path, *extra, **kwargs):
                           capture_output=True, text=True, cwd=ROOT, timeout=900, **kwargs)
 
 
-def scripted_reply(body):
-    """A deterministic 'LLM': the proposal depends on how many stages the prompt's history shows."""
-    stages = len(re.findall(r"^Stage \d+ \(", body["messages"][1]["content"], re.M))
-    return f"Sure.\nWeights: L1:SSIM:GAN={1 - 0.1 * stages:.2f}:{0.1 + 0.05 * stages:.2f}:0.02\nThoughts: scripted."
-
-
 def read_jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
-
-
-@pytest.fixture
-def server():
-    s = ChatServer(scripted_reply)
-    yield s
-    s.close()
 
 
 def test_run_with_openai_server_writes_the_run_directory(tmp_path, server):
