@@ -96,6 +96,8 @@ class TrainConfig:
     seed: int = 0  # network init, data order, fallback perturbations
     device: str = "auto"  # auto | cpu | cuda (cuda = the GPU of LOCAL_RANK)
     amp: str = "off"  # off | bf16 | fp16 (fp16 uses a grad scaler)
+    channels_last: bool = False  # NHWC memory layout for the convolutions of the network and the discriminator
+    compile: bool = False  # torch.compile the network (opt-in: the first iterations pay for the compilation)
     ema_decay: float = 0.0  # 0 = no EMA; the SwinIR-GAN setting is 0.999. Feedback uses the EMA network
     log_every: int = 10  # iterations between console lines and metrics.jsonl records
     num_workers: int = 2  # DataLoader workers per rank
@@ -411,7 +413,7 @@ def missing_paths(cfg):
     from data.images import check_sources
     sources = cfg.data.train + cfg.feedback.sources + cfg.feedback.lq_sources
     missing = check_sources(sources)
-    missing += [p for p in (cfg.data.derain, cfg.data.dehaze, cfg.model.pretrained) if p and not Path(p).exists()]
+    missing += [p for p in (cfg.data.derain, cfg.data.dehaze, *cfg.agent.experience) if p and not Path(p).exists()]
     return missing
 
 
@@ -1378,7 +1380,13 @@ def run(cfg):
     optimizer = torch.optim.Adam(net.parameters(), lr=cfg.train.lr, betas=tuple(cfg.train.betas))
     ema = copy.deepcopy(net).eval().requires_grad_(False) if cfg.train.ema_decay > 0 else None
 
+    if cfg.train.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+        if gan is not None:
+            gan.net_d.to(memory_format=torch.channels_last)
     raw_net = net
+    if cfg.train.compile:
+        net = torch.compile(net)
     if ddp:
         from models.promptir import HAS_UNUSED_PARAMETERS
         # PromptIR has layers that never receive a gradient; only then pay for DDP's unused-parameter search.
@@ -1469,6 +1477,8 @@ def run(cfg):
                 lq = degradation(gt, degrade_generator)
             else:
                 lq = batch["lq"].to(device, non_blocking=True)
+            if cfg.train.channels_last:
+                lq = lq.contiguous(memory_format=torch.channels_last)
             target = usm_sharp(gt) if cfg.losses.sharpen_gt else gt
             with autocast:
                 out = net(lq)

@@ -15,8 +15,9 @@ Layout of the network (names = state-dict prefixes):
 
 Efficiency notes (this network is benchmarked later):
   * tokens stay in raster order (B, H*W, C) between blocks; the cyclic shift and the window
-    partition are done together as ONE gather with a precomputed token order (index_select),
-    and undone with one gather by the inverse order, instead of roll + permute + contiguous.
+    partition are done together as ONE gather with a precomputed token order (PermuteTokens),
+    and undone with one gather by the inverse order, instead of roll + permute + contiguous;
+    the backward of each gather is again one gather.
   * attention goes through F.scaled_dot_product_attention with the relative-position bias
     (plus the shift mask) as additive float mask; `use_sdpa=False` selects the plain
     softmax(q k^T * scale + bias) v path, which is the numerical reference.
@@ -79,6 +80,21 @@ def shift_mask(height, width, window_size, shift):
     labels = region.flatten()[window_order(height, width, window_size, 0)].view(-1, window_size ** 2)
     different = labels[:, None, :] != labels[:, :, None]
     return torch.zeros(different.shape).masked_fill(different, -100.0)
+
+
+class PermuteTokens(torch.autograd.Function):
+    """tokens.index_select(1, order) for a permutation `order`, whose gradient is the gather by the
+    inverse permutation: one copy, instead of autograd's zero-fill + index_add for index_select."""
+
+    @staticmethod
+    def forward(ctx, tokens, order, inverse):
+        ctx.save_for_backward(inverse)
+        return tokens.index_select(1, order)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(1, inverse), None, None
 
 
 @functools.lru_cache(maxsize=16)
@@ -206,10 +222,10 @@ class SwinTransformerBlock(nn.Module):
         if self.shift_size and tuple(x_size) == self.input_resolution:
             mask = self.attn_mask  # the state-dict buffer (same values as the cached mask)
         # shift + partition in one gather: (B, H*W, C) -> (B*nW, ws*ws, C)
-        windows = self.norm1(x).index_select(1, order).view(-1, self.window_size ** 2, channels)
+        windows = PermuteTokens.apply(self.norm1(x), order, inverse).view(-1, self.window_size ** 2, channels)
         windows = self.attn(windows, mask)
         # back to raster order (undoes partition and shift): (B*nW, ws*ws, C) -> (B, H*W, C)
-        x = x + self.drop_path(windows.view(batch, length, channels).index_select(1, inverse))
+        x = x + self.drop_path(PermuteTokens.apply(windows.view(batch, length, channels), inverse, order))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 

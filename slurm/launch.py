@@ -80,13 +80,16 @@ TASK_BASE = {"cisr": "configs/base/cisr.toml", "risr": "configs/base/risr.toml",
 REFERENCE_TABLES = {"cisr": [2, 5, 7, 8, 10, 11], "risr": [3], "air": [4, 6]}
 
 
-def plan(study, root, overrides=(), seeds=1, gpus=None):
-    """The jobs of a study, as dicts: name, experiment, kind (train | eval | reference), task, shown (the config
-    column of the plan), gpus, tables, seconds (expected), argv (lossagent.py's arguments) and, for evaluation
-    jobs, after (the name of their training job)."""
+def plan(study, root, overrides=(), seeds=1, gpus=None, only=None):
+    """The jobs of a study (or of the names in `only`), as dicts: name, experiment, kind (train | eval |
+    reference), task, shown (the config column of the plan), gpus, tables, seconds (expected), argv (lossagent.py's
+    arguments) and, for evaluation jobs, after (the name of their training job). Only the configs of selected jobs
+    are read, so `overrides` need to fit only those."""
     sets = [f"output.root={root}", *overrides]
-    jobs, tasks = [], {}
+    jobs = []
     for exp in STUDIES[study]:
+        if only is not None and exp["name"] not in only:
+            continue
         for seed in range(seeds):
             name = exp["name"] if seeds == 1 else f"{exp['name']}_seed{seed}"
             run_sets = sets if seeds == 1 else [*sets, f"train.seed={seed}", f"agent.seed={seed}", f"output.name={name}"]
@@ -102,10 +105,18 @@ def plan(study, root, overrides=(), seeds=1, gpus=None):
             ckpt = f"{root}/{cfg.output.name}/ckpt/last.pt"
             jobs.append(dict(name=f"{name}_eval", kind="eval", gpus=min(n, 1), seconds=EVAL_S, after=name,
                              argv=["eval", "--config", exp["config"], "--ckpt", ckpt, *flags], **common))
-            tasks.setdefault(cfg.task.name, min(n, 1))
-    for task, n in tasks.items():
-        jobs += references(task, root, sets, n)
+    trained = {j["task"] for j in jobs}
+    for task in TASK_BASE:
+        if (task in trained) if only is None else bool(reference_names(task) & set(only)):
+            jobs += [j for j in references(task, root, sets, 1 if gpus is None else min(gpus, 1))
+                     if only is None or j["name"] in only]
     return jobs
+
+
+def reference_names(task):
+    """The names of a task's reference jobs, from its base config as it is (no overrides)."""
+    cfg = lossagent.load_config(ROOT / TASK_BASE[task])
+    return {f"{task}_pretrained"} | {f"gt_{b.name}" for b in cfg.benchmarks if b.gt}
 
 
 def references(task, root, sets, gpus):
@@ -177,7 +188,7 @@ def resources(args, gpus, seconds, name):
                   timeout_min=math.ceil(min(1.5 * seconds + 600, args.max_hours * 3600) / 60),
                   cpus_per_task=args.cpus_per_task or (CPUS_PER_GPU * gpus if gpus else 8),
                   mem_gb=args.mem_gb or (MEM_GB_PER_GPU * gpus if gpus else 32),
-                  slurm_signal_delay_s=300, slurm_max_num_timeout=args.max_requeues,
+                  slurm_signal_delay_s=300,
                   slurm_additional_parameters={"requeue": True})
     if gpus:
         params["gpus_per_node"] = gpus
@@ -191,8 +202,8 @@ def resources(args, gpus, seconds, name):
 def submit(jobs, args):
     """Submits the plan. SLURM: arrays per (task, GPUs), evaluation jobs with afterok on their training job.
     local and debug: one job after the other, since nothing would hold back a job whose input is not ready."""
-    folder = Path(args.root) / "slurm" / "submitit" / "%j"
-    executor = submitit.AutoExecutor(folder=folder, cluster=args.cluster)
+    folder = Path(args.root).resolve() / "slurm" / "submitit" / "%j"
+    executor = submitit.AutoExecutor(folder=folder, cluster=args.cluster, slurm_max_num_timeout=args.max_requeues)
 
     def command(j):
         return Job(j["argv"], max(j["gpus"], 1) if j["kind"] == "train" else 0)
@@ -251,18 +262,17 @@ def main(argv=None):
     parser.add_argument("--account", help="SLURM account (default: $SBATCH_ACCOUNT or yours)")
     args = parser.parse_args(argv)
 
+    only = args.only.split(",") if args.only else None
+    if only:
+        names = {e["name"] for e in STUDIES[args.study]}.union(*(reference_names(t) for t in TASK_BASE))
+        unknown = [w for w in only if w not in names]
+        if unknown:
+            sys.exit(f"error: --only {','.join(unknown)}: not in the study, whose names are: {', '.join(sorted(names))}")
     try:
         # Absolute, because the jobs run from the repository whatever the folder this is called from.
-        jobs = plan(args.study, str(Path(args.root).resolve()), args.set, args.seeds, args.gpus)
+        jobs = plan(args.study, str(Path(args.root).resolve()), args.set, args.seeds, args.gpus, only)
     except lossagent.ConfigError as e:
         sys.exit(f"error: {e}")
-    if args.only:
-        wanted = args.only.split(",")
-        names = {j["experiment"] for j in jobs}
-        unknown = [w for w in wanted if w not in names]
-        if unknown:
-            sys.exit(f"error: --only {','.join(unknown)}: not in the plan, whose names are: {', '.join(sorted(names))}")
-        jobs = [j for j in jobs if j["experiment"] in wanted]
     print_plan(jobs)
     if not args.dry_run:
         (Path(args.root) / "slurm").mkdir(parents=True, exist_ok=True)

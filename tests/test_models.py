@@ -8,7 +8,7 @@ import torch
 from models import load_pretrained
 from models.discriminators import UNetDiscriminatorSN, VGGStyleDiscriminator
 from models.promptir import HAS_UNUSED_PARAMETERS, UNUSED_PARAMETERS, PromptIR
-from models.swinir import PRESETS, SwinIR, relative_position_index, shift_mask, window_order
+from models.swinir import PRESETS, PermuteTokens, SwinIR, relative_position_index, shift_mask, window_order
 
 SMALL_PROMPTIR = dict(dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, heads=[1, 1, 1, 1])
 
@@ -114,6 +114,13 @@ def test_window_order_is_cyclic_shift_then_window_partition():
         rolled = image.roll((-shift, -shift), dims=(0, 1))
         windows = [rolled[i:i + 8, j:j + 8].flatten() for i in range(0, 16, 8) for j in range(0, 24, 8)]
         assert torch.equal(window_order(16, 24, 8, shift), torch.cat(windows))
+
+
+def test_permute_tokens_gradient_is_the_inverse_gather():
+    order = window_order(8, 12, 4, 2)
+    tokens = torch.rand(2, 8 * 12, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.equal(PermuteTokens.apply(tokens, order, order.argsort()), tokens[:, order])
+    assert torch.autograd.gradcheck(PermuteTokens.apply, (tokens, order, order.argsort()))
 
 
 def test_state_dict_reloads_strictly_into_a_fresh_model(tmp_path):

@@ -1,0 +1,309 @@
+"""The paper's tables from finished runs, as Markdown, CSV and LaTeX, plus the weight-curve figure of each task.
+
+    python slurm/aggregate.py                            # reads runs/, writes runs/tables/
+    python slurm/aggregate.py --runs /scratch/runs --out paper_tables
+
+Reads what slurm/launch.py's jobs write: runs/<name>/eval.json (benchmark scores of the trained network),
+runs/<name>/history.json (weights per stage, format success counts), runs/<task>_pretrained/eval.json (the
+"Pre-trained" rows) and runs/gt_<set>.json (the "GT (Ref.)" rows). Several seeds of one experiment, run directories
+<name>_seed<k>, show as mean ± std. The best value of every column is bold (lower or higher by pyiqa's
+`lower_better`; GT rows are references, not candidates). Missing runs show as "—" and are listed after the tables.
+Writes <out>/table<k>.{md,csv,tex}, <out>/tables.md (all of them) and <out>/figure4_<task>.png.
+"""
+import argparse
+import csv
+import functools
+import importlib.util
+import json
+import re
+import statistics
+import tomllib
+from pathlib import Path
+
+# Benchmark columns per task, as the labels `lossagent.py eval` writes into eval.json.
+SETS = {
+    "cisr": ["Set5", "Set14", "BSD100", "Urban100", "Manga109"],
+    "risr": ["OST300", "RealSRSet"],
+    "air": ["SOTS", "Rain100L", "BSD68_sigma15", "BSD68_sigma25", "BSD68_sigma50"],
+}
+AVERAGE = {"cisr": True, "risr": False, "air": True}  # an "Avg" column (the mean of the set columns)
+COLUMN_NAMES = {"BSD68_sigma15": "BSD68 σ=15", "BSD68_sigma25": "BSD68 σ=25", "BSD68_sigma50": "BSD68 σ=50"}
+METRIC_NAMES = {"psnr": "PSNR", "ssim": "SSIM", "niqe": "NIQE", "maniqa": "MANIQA", "clipiqa": "CLIPIQA",
+                "qalign": "Q-Align", "lpips": "LPIPS", "musiq": "MUSIQ"}
+DECIMALS = {"psnr": 2, "ssim": 4, "niqe": 3, "maniqa": 4, "clipiqa": 4, "qalign": 3, "lpips": 4, "musiq": 2}
+NO_REFERENCE = ["niqe", "maniqa", "clipiqa", "qalign"]  # the objectives of the paper
+GT = "gt"  # a row source: runs/gt_<set>.json per column
+
+
+def objective_blocks(task, fidelity):
+    """Tables 2-4: per no-reference metric, the run optimised for it against the references; then the fidelity
+    of every LossAgent run."""
+    gt = [] if task == "risr" else [("GT (Ref.)", GT)]  # real-world inputs have no ground truth
+    references = [("Pre-trained", f"{task}_pretrained"), ("Baseline", f"{task}_baseline")]
+    blocks = [(m, [*references, (f"LossAgent ({METRIC_NAMES[m]})", f"{task}_{m}"), *gt]) for m in NO_REFERENCE]
+    blocks += [(m, [*references, *[(f"LossAgent ({METRIC_NAMES[o]})", f"{task}_{o}") for o in NO_REFERENCE]])
+               for m in fidelity]
+    return blocks
+
+
+def pair_blocks(metrics, rows):
+    return [(m, rows) for m in metrics]
+
+
+# Each table: number, title, task (its columns) and blocks (metric, [(row label, run name or GT)]); Table 9 lists
+# runs and their format success rates instead.
+TABLES = [
+    dict(number=2, task="cisr", title="Classical SR x4 (SwinIR-M): no-reference objectives",
+         blocks=objective_blocks("cisr", ["psnr", "ssim"])),
+    dict(number=3, task="risr", title="Real-world SR x4 (SwinIR-M GAN): no-reference objectives",
+         blocks=objective_blocks("risr", [])),
+    dict(number=4, task="air", title="All-in-one restoration (PromptIR): no-reference objectives",
+         blocks=objective_blocks("air", ["psnr", "ssim"])),
+    dict(number=5, task="cisr", title="Q-Align alone and Q-Align with PSNR as objectives (classical SR x4)",
+         blocks=pair_blocks(["qalign", "psnr", "ssim"], [
+             ("Pre-trained", "cisr_pretrained"), ("Baseline", "cisr_baseline"),
+             ("LossAgent (Q-Align)", "cisr_qalign"), ("LossAgent (Q-Align + PSNR)", "cisr_qalign_psnr")])),
+    dict(number=6, task="air", title="A text objective: Co-Instruct descriptions, evaluated by Q-Align (AIR)",
+         blocks=[("qalign", [("Pre-trained", "air_pretrained"), ("Baseline", "air_baseline"),
+                             ("LossAgent (Q-Align)", "air_qalign"), ("LossAgent (Co-Instruct)", "air_coinstruct"),
+                             ("GT (Ref.)", GT)]),
+                 ("psnr", [("Pre-trained", "air_pretrained"), ("Baseline", "air_baseline"),
+                           ("LossAgent (Q-Align)", "air_qalign"), ("LossAgent (Co-Instruct)", "air_coinstruct")])]),
+    dict(number=7, task="cisr", title="System prompt without the direction sentence (NIQE objective)",
+         blocks=pair_blocks(["niqe", "psnr"], [
+             ("Baseline", "cisr_baseline"), ("LossAgent (full prompt)", "cisr_niqe"),
+             ("LossAgent (no direction sentence)", "cisr_niqe_nodirection")])),
+    dict(number=8, task="cisr", title="History prompt: all stages or the last two (MANIQA objective)",
+         blocks=pair_blocks(["maniqa", "psnr"], [
+             ("Baseline", "cisr_baseline"), ("LossAgent (full history)", "cisr_maniqa"),
+             ("LossAgent (last two stages)", "cisr_maniqa_last2")])),
+    dict(number=9, title="Format success rate of the agent's replies over the whole run",
+         runs=["cisr_niqe", "cisr_niqe_noexample", "cisr_maniqa", "cisr_clipiqa", "cisr_qalign", "cisr_qalign_psnr",
+               "cisr_niqe_nodirection", "cisr_maniqa_last2", "cisr_qalign_stage2500", "cisr_qalign_stage10000",
+               "cisr_clipiqa_div2k", "risr_niqe", "risr_maniqa", "risr_clipiqa", "risr_qalign",
+               "air_niqe", "air_maniqa", "air_clipiqa", "air_qalign", "air_coinstruct"]),
+    dict(number=10, task="cisr", title="Stage length K, same 50k iterations in total (Q-Align objective)",
+         blocks=pair_blocks(["qalign", "psnr"], [
+             ("Baseline", "cisr_baseline"), ("LossAgent, K = 2500 (N = 20)", "cisr_qalign_stage2500"),
+             ("LossAgent, K = 5000 (N = 10)", "cisr_qalign"), ("LossAgent, K = 10000 (N = 5)", "cisr_qalign_stage10000")])),
+    dict(number=11, task="cisr", title="Feedback images from Set14 or from DIV2K (CLIPIQA objective)",
+         blocks=pair_blocks(["clipiqa", "psnr"], [
+             ("Baseline", "cisr_baseline"), ("LossAgent (Set14 feedback)", "cisr_clipiqa"),
+             ("LossAgent (DIV2K feedback)", "cisr_clipiqa_div2k")])),
+]
+# Figure 4: the weight curves of the runs optimised for each no-reference objective.
+FIGURE_RUNS = {task: [f"{task}_{m}" for m in NO_REFERENCE] for task in SETS}
+
+
+@functools.cache
+def pyiqa_configs():
+    """pyiqa's table of metrics (DEFAULT_CONFIGS), read from its own file: that file needs only the standard
+    library, while importing the pyiqa package loads torch and every model (10 s and more)."""
+    spec = importlib.util.find_spec("pyiqa")
+    if spec is None:
+        return {}
+    path = Path(spec.submodule_search_locations[0]) / "default_model_configs.py"
+    module = importlib.util.module_from_spec(importlib.util.spec_from_file_location("pyiqa_default_configs", path))
+    module.__spec__.loader.exec_module(module)
+    return module.DEFAULT_CONFIGS
+
+
+def lower_better(metric):
+    """pyiqa's direction of a metric (PSNR and SSIM: higher is better)."""
+    configs = pyiqa_configs()
+    if metric in configs:
+        return bool(configs[metric].get("lower_better", False))
+    return metric in ("niqe", "lpips", "brisque", "pi", "dists")  # without pyiqa: the usual ones
+
+
+def run_dirs(runs, name):
+    """The run directory of `name` and those of its seeds (<name>_seed<k>), in seed order."""
+    seeds = sorted((p for p in runs.glob(f"{name}_seed*") if re.fullmatch(rf"{re.escape(name)}_seed\d+", p.name)),
+                   key=lambda p: int(p.name.rsplit("seed", 1)[1]))
+    return [p for p in [runs / name, *seeds] if p.is_dir()]
+
+
+def read_json(path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+class Results:
+    """Reads the run folders once, and remembers what was missing."""
+
+    def __init__(self, runs):
+        self.runs, self.missing = Path(runs), {}  # name -> the files that were not there
+
+    def values(self, source, metric, sets):
+        """Per seed: {set: value} for one row of a table (None where a set lacks the metric); [] if missing."""
+        if source == GT:
+            out = {}
+            for s in sets:
+                base = s.split("_sigma")[0]  # the denoising columns share their clean images
+                doc = read_json(self.runs / f"gt_{base}.json")
+                if doc is None:
+                    self.missing.setdefault(f"gt_{base}", set()).add(str(self.runs / f"gt_{base}.json"))
+                out[s] = (doc or {}).get("metrics", {}).get(metric, {}).get("mean")
+            return [out] if any(v is not None for v in out.values()) else []
+        seeds = []
+        for d in run_dirs(self.runs, source):
+            doc = read_json(d / "eval.json")
+            if doc is not None:
+                seeds.append({s: doc["datasets"].get(s, {}).get("metrics", {}).get(metric, {}).get("mean") for s in sets})
+        if not seeds:
+            self.missing.setdefault(source, set()).add(str(self.runs / source / "eval.json"))
+        return seeds
+
+    def histories(self, name):
+        out = []
+        for d in run_dirs(self.runs, name):
+            history = read_json(d / "history.json")
+            if history is not None:
+                config = tomllib.loads((d / "config.toml").read_text()) if (d / "config.toml").is_file() else {}
+                out.append((history, config))
+        if not out:
+            self.missing.setdefault(name, set()).add(str(self.runs / name / "history.json"))
+        return out
+
+
+def mean_std(values):
+    """(mean, std or None) over seeds; None if no seed has a value."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+
+
+def cell_text(stat, metric):
+    if stat is None:
+        return "—"
+    mean, std = stat
+    d = DECIMALS.get(metric, 4)
+    return f"{mean:.{d}f}" if std is None else f"{mean:.{d}f} ± {std:.{d}f}"
+
+
+def metric_table(table, results):
+    """Rows of one metric table: (metric label, row label, [cell text], [bold flags]); columns are the task's sets
+    (and Avg). Averages are taken per seed, then over seeds."""
+    sets = SETS[table["task"]]
+    columns = sets + (["Avg"] if AVERAGE[table["task"]] else [])
+    rows = []
+    for metric, block in table["blocks"]:
+        stats = []
+        for label, source in block:
+            seeds = results.values(source, metric, sets)
+            for seed in seeds:
+                present = [seed[s] for s in sets]
+                seed["Avg"] = statistics.fmean(present) if None not in present else None
+            stats.append([mean_std([seed[c] for seed in seeds]) for c in columns])
+        best = []
+        for c in range(len(columns)):
+            candidates = [s[c][0] for (_, source), s in zip(block, stats) if source != GT and s[c] is not None]
+            best.append((min if lower_better(metric) else max)(candidates) if candidates else None)
+        arrow = "↓" if lower_better(metric) else "↑"
+        for i, ((label, source), s) in enumerate(zip(block, stats)):
+            bold = [source != GT and s[c] is not None and s[c][0] == best[c] for c in range(len(columns))]
+            metric_label = f"{METRIC_NAMES.get(metric, metric)} {arrow}" if i == 0 else ""
+            rows.append((metric_label, label, [cell_text(x, metric) for x in s], bold))
+    return ["Metric", "Method", *[COLUMN_NAMES.get(c, c) for c in columns]], rows
+
+
+def format_table(table, results):
+    """Table 9: per run, the format example setting and 'rate (ok/total)' summed over stages and seeds."""
+    rows, total_ok, total = [], 0, 0
+    for name in table["runs"]:
+        runs = results.histories(name)
+        ok, asked = sum(h["parse_ok"] for h, _ in runs), sum(h["parse_total"] for h, _ in runs)
+        example = {c.get("agent", {}).get("format_example") for _, c in runs} - {None}
+        shown = "—" if not example else "yes" if example == {True} else "no" if example == {False} else "mixed"
+        rate = f"{100 * ok / asked:.2f}% ({ok}/{asked})" if asked else "—"
+        rows.append(("", name, [shown, rate], [False, False]))
+        if example == {True}:
+            total_ok, total = total_ok + ok, total + asked
+    if total:
+        rows.append(("", "All runs with the format example", ["yes", f"{100 * total_ok / total:.2f}% ({total_ok}/{total})"],
+                     [False, False]))
+    return ["", "Run", "Format example", "Success rate"], rows
+
+
+def write_table(table, header, rows, out):
+    """table<k>.md, .csv and .tex; returns the Markdown."""
+    number, title = table["number"], table["title"]
+    md = [f"## Table {number}. {title}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for metric, label, cells, bold in rows:
+        shown = [f"**{c}**" if b else c for c, b in zip(cells, bold)]
+        md.append("| " + " | ".join([metric, label, *shown]) + " |")
+    text = "\n".join(md) + "\n"
+    (out / f"table{number}.md").write_text(text)
+    with open(out / f"table{number}.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows([metric, label, *cells] for metric, label, cells, _ in rows)
+
+    def tex(s):
+        return s.replace("±", "$\\pm$").replace("—", "--").replace("%", "\\%").replace("↓", "$\\downarrow$") \
+            .replace("↑", "$\\uparrow$").replace("σ", "$\\sigma$").replace("_", "\\_")
+    lines = ["\\begin{table}", f"\\caption{{{tex(title)}}}", "\\begin{tabular}{ll" + "c" * (len(header) - 2) + "}",
+             "\\hline", " & ".join(tex(h) for h in header) + " \\\\", "\\hline"]
+    for metric, label, cells, bold in rows:
+        shown = [f"\\textbf{{{tex(c)}}}" if b else tex(c) for c, b in zip(cells, bold)]
+        lines.append(" & ".join([tex(metric), tex(label), *shown]) + " \\\\")
+    lines += ["\\hline", "\\end{tabular}", "\\end{table}", ""]
+    (out / f"table{number}.tex").write_text("\n".join(lines))
+    return text
+
+
+def weight_figure(task, results, path):
+    """Figure 4: the loss weights per stage of each objective's run (the first seed), one panel per run."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    found = []
+    for name in FIGURE_RUNS[task]:
+        dirs = [d for d in run_dirs(results.runs, name) if (d / "history.json").is_file()]
+        if dirs:
+            found.append((name, json.loads((dirs[0] / "history.json").read_text())))
+    if not found:
+        return False
+    fig, axes = plt.subplots(1, len(found), figsize=(4.5 * len(found), 3.5), squeeze=False)
+    for ax, (name, history) in zip(axes[0], found):
+        stages = [s["stage"] for s in history["stages"]]
+        for loss in history["names"]:
+            ax.plot(stages, [s["weights"][loss] for s in history["stages"]], marker="o", label=loss)
+        ax.set(title=name, xlabel="stage", ylabel="weight", yscale="symlog")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def aggregate(runs, out):
+    """Writes every table and figure; returns {table number: Markdown} and the missing runs {name: {files}}."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = Results(runs)
+    texts = {}
+    for table in TABLES:
+        header, rows = format_table(table, results) if "runs" in table else metric_table(table, results)
+        texts[table["number"]] = write_table(table, header, rows, out)
+    figures = [task for task in SETS if weight_figure(task, results, out / f"figure4_{task}.png")]
+    missing = [f"- {name}: no {', '.join(sorted(files))}" for name, files in sorted(results.missing.items())]
+    summary = "\n".join(texts.values())
+    summary += "\n" + ("## Missing runs\n\n" + "\n".join(missing) if missing else "All runs were found.") + "\n"
+    summary += "".join(f"\n![Figure 4, {task}](figure4_{task}.png)\n" for task in figures)
+    (out / "tables.md").write_text(summary)
+    return texts, results.missing
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", default="runs", help="the folder of the run directories (output.root)")
+    parser.add_argument("--out", help="where the tables go (default: <runs>/tables)")
+    args = parser.parse_args(argv)
+    out = Path(args.out or Path(args.runs) / "tables")
+    _, missing = aggregate(args.runs, out)
+    print(f"wrote {out}/tables.md and table<k>.md/.csv/.tex" + (f"; {len(missing)} runs missing" if missing else ""))
+
+
+if __name__ == "__main__":
+    main()
