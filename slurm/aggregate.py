@@ -85,7 +85,8 @@ TABLES = [
     dict(number=10, task="cisr", title="Stage length K, same 50k iterations in total (Q-Align objective)",
          blocks=pair_blocks(["qalign", "psnr"], [
              ("Baseline", "cisr_baseline"), ("LossAgent, K = 2500 (N = 20)", "cisr_qalign_stage2500"),
-             ("LossAgent, K = 5000 (N = 10)", "cisr_qalign"), ("LossAgent, K = 10000 (N = 5)", "cisr_qalign_stage10000")])),
+             ("LossAgent, K = 5000 (N = 10)", "cisr_qalign"),
+             ("LossAgent, K = 10000 (N = 5)", "cisr_qalign_stage10000")])),
     dict(number=11, task="cisr", title="Feedback images from Set14 or from DIV2K (CLIPIQA objective)",
          blocks=pair_blocks(["clipiqa", "psnr"], [
              ("Baseline", "cisr_baseline"), ("LossAgent (Set14 feedback)", "cisr_clipiqa"),
@@ -148,7 +149,8 @@ class Results:
         for d in run_dirs(self.runs, source):
             doc = read_json(d / "eval.json")
             if doc is not None:
-                seeds.append({s: doc["datasets"].get(s, {}).get("metrics", {}).get(metric, {}).get("mean") for s in sets})
+                scores = {s: doc["datasets"].get(s, {}).get("metrics", {}) for s in sets}
+                seeds.append({s: scores[s].get(metric, {}).get("mean") for s in sets})
         if not seeds:
             self.missing.setdefault(source, set()).add(str(self.runs / source / "eval.json"))
         return seeds
@@ -189,7 +191,7 @@ def metric_table(table, results):
     rows = []
     for metric, block in table["blocks"]:
         stats = []
-        for label, source in block:
+        for _, source in block:
             seeds = results.values(source, metric, sets)
             for seed in seeds:
                 present = [seed[s] for s in sets]
@@ -220,8 +222,8 @@ def format_table(table, results):
         if example == {True}:
             total_ok, total = total_ok + ok, total + asked
     if total:
-        rows.append(("", "All runs with the format example", ["yes", f"{100 * total_ok / total:.2f}% ({total_ok}/{total})"],
-                     [False, False]))
+        rate = f"{100 * total_ok / total:.2f}% ({total_ok}/{total})"
+        rows.append(("", "All runs with the format example", ["yes", rate], [False, False]))
     return ["", "Run", "Format example", "Success rate"], rows
 
 

@@ -12,9 +12,8 @@
 #SBATCH --signal=B:USR1@300
 #SBATCH --open-mode=append
 #SBATCH --output=runs/slurm/%x-%j.out
-#SBATCH --error=runs/slurm/%x-%j.out
-# 8 CPUs and 64G per GPU. The time limit is about 1.5 x the expected about 7.5 h on 8 A100s (launch.py --dry-run);
-# a run that needs longer is requeued and resumes.
+# 8 CPUs and 64G per GPU; stdout and stderr both go to --output. The time limit leaves room over the
+# expected 7.3 h on 8 A100s (launch.py --dry-run); a run that needs longer is requeued and resumes.
 
 CONFIG=${CONFIG:-configs/cisr_niqe.toml}
 REPO=${LOSSAGENT_DIR:-${SLURM_SUBMIT_DIR:-$(dirname "$0")/..}}

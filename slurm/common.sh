@@ -29,7 +29,7 @@ if [ -z "${SLURM_JOB_ID:-}" ]; then
     else
         request=(--gres=gpu:"$GPUS" --cpus-per-task="${CPUS:-$((8 * GPUS))}" --mem="${MEM:-$((64 * GPUS))G}")
     fi
-    mkdir -p runs/slurm
+    [ -n "${SBATCH_OUTPUT:-}" ] || mkdir -p runs/slurm  # the header's log folder, unless the log goes elsewhere
     exec sbatch "${request[@]}" "$script" "$@"
 fi
 

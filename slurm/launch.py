@@ -15,10 +15,10 @@ with a SLURM dependency (afterok). The reference jobs form one more array: `<tas
 official checkpoint (runs/<task>_pretrained/eval.json) and `gt_<set>` scores the ground truth of every benchmark
 set (runs/gt_<set>.json). `--only` selects among all of these names.
 
-Multi-GPU. Each job is one SLURM task that runs `torchrun --standalone` in a subprocess, rather than one submitit
-task per GPU with submitit's distributed environment. torchrun is what slurm/*.sh and the README use, so a job runs
-exactly the command a user would type; it restarts nothing behind our back and works the same under the local and
-debug executors, which have no SLURM tasks to spread.
+Multi-GPU. Each job is one SLURM task (tasks_per_node=1, gpus_per_node=GPUs) that runs `torchrun --standalone` in a
+subprocess, rather than one submitit task per GPU with submitit's distributed environment. torchrun is what slurm/*.sh
+and the README use, so a job runs exactly the command a user would type, and the same job function works under the
+local and debug executors, which have no SLURM tasks to spread over GPUs.
 
 Requeue. The job function is a submitit Checkpointable. Before the time limit (or on preemption) submitit calls
 its checkpoint(), which resubmits the same call; lossagent.py resumes from runs/<name>/ckpt/last.pt by itself, so
@@ -26,6 +26,7 @@ the requeued job continues from the last finished stage.
 """
 import argparse
 import math
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -76,8 +77,9 @@ PAPER = [
 STUDIES = {"paper": PAPER}
 # The pre-trained network and the benchmark sets of each task: its base config.
 TASK_BASE = {"cisr": "configs/base/cisr.toml", "risr": "configs/base/risr.toml", "air": "configs/base/air.toml"}
-# Tables with "Pre-trained" and "GT (Ref.)" rows, per task.
-REFERENCE_TABLES = {"cisr": [2, 5, 7, 8, 10, 11], "risr": [3], "air": [4, 6]}
+# The tables with "Pre-trained" rows and with "GT (Ref.)" rows, per task.
+PRETRAINED_TABLES = {"cisr": [2, 5], "risr": [3], "air": [4, 6]}
+GT_TABLES = {"cisr": [2], "risr": [], "air": [4, 6]}
 
 
 def plan(study, root, overrides=(), seeds=1, gpus=None, only=None):
@@ -92,7 +94,8 @@ def plan(study, root, overrides=(), seeds=1, gpus=None, only=None):
             continue
         for seed in range(seeds):
             name = exp["name"] if seeds == 1 else f"{exp['name']}_seed{seed}"
-            run_sets = sets if seeds == 1 else [*sets, f"train.seed={seed}", f"agent.seed={seed}", f"output.name={name}"]
+            run_sets = sets if seeds == 1 else [*sets, f"train.seed={seed}", f"agent.seed={seed}",
+                                                f"output.name={name}"]
             cfg = lossagent.load_config(ROOT / exp["config"], run_sets)
             n = exp["gpus"] if gpus is None else gpus
             # The total batch is fixed, so fewer GPUs take proportionally longer (a CPU job counts as one GPU).
@@ -126,17 +129,17 @@ def references(task, root, sets, gpus):
     flags = [a for s in sets for a in ("--set", s)]
     jobs = []
 
-    def add(name, shown, argv):
+    def add(name, shown, tables, argv):
         jobs.append(dict(name=name, experiment=name, kind="reference", task=task, shown=shown, gpus=gpus,
-                         tables=REFERENCE_TABLES[task], seconds=EVAL_S, argv=argv))
+                         tables=tables, seconds=EVAL_S, argv=argv))
 
     if cfg.model.pretrained:
-        add(f"{task}_pretrained", f"{base} ({cfg.model.pretrained})",
+        add(f"{task}_pretrained", f"{base} ({cfg.model.pretrained})", PRETRAINED_TABLES[task],
             ["eval", "--config", base, "--out", f"{root}/{task}_pretrained/eval.json", *flags])
     no_reference = [m for m in cfg.eval.metrics if not lossagent.full_reference_metric(m)]
     for b in cfg.benchmarks:
         if b.gt and no_reference and f"gt_{b.name}" not in [j["name"] for j in jobs]:
-            add(f"gt_{b.name}", f"{b.gt} (ground truth)",
+            add(f"gt_{b.name}", f"{b.gt} (ground truth)", GT_TABLES[task],
                 ["eval", "--images", b.gt, "--metrics", ",".join(no_reference), "--out", f"{root}/gt_{b.name}.json"])
     return jobs
 
@@ -172,7 +175,7 @@ class Job(submitit.helpers.Checkpointable):
                        f"--nproc_per_node={self.processes}", "lossagent.py", *self.argv]
         else:
             command = [sys.executable, "lossagent.py", *self.argv]
-        print(" ".join(command), flush=True)
+        print(shlex.join(command), flush=True)
         subprocess.run(command, cwd=ROOT, check=True)
         return self.argv
 
@@ -233,7 +236,10 @@ def submit(jobs, args):
     for j in jobs:
         if j["kind"] == "eval":
             params = resources(args, j["gpus"], j["seconds"], "lossagent-eval")
-            params["slurm_additional_parameters"] = {"requeue": True, "dependency": f"afterok:{submitted[j['after']]}"}
+            # afterok: only once training succeeded; a failed training cancels its evaluation instead of leaving it
+            # pending forever (DependencyNeverSatisfied).
+            params["slurm_additional_parameters"] = {"requeue": True, "dependency": f"afterok:{submitted[j['after']]}",
+                                                     "kill-on-invalid-dep": "yes"}
             executor.update_parameters(**params)
             job = executor.submit(command(j))
             submitted[j["name"]] = job.job_id
@@ -267,7 +273,7 @@ def main(argv=None):
         names = {e["name"] for e in STUDIES[args.study]}.union(*(reference_names(t) for t in TASK_BASE))
         unknown = [w for w in only if w not in names]
         if unknown:
-            sys.exit(f"error: --only {','.join(unknown)}: not in the study, whose names are: {', '.join(sorted(names))}")
+            sys.exit(f"error: --only {','.join(unknown)}: not in the study; its names: {', '.join(sorted(names))}")
     try:
         # Absolute, because the jobs run from the repository whatever the folder this is called from.
         jobs = plan(args.study, str(Path(args.root).resolve()), args.set, args.seeds, args.gpus, only)
@@ -275,7 +281,6 @@ def main(argv=None):
         sys.exit(f"error: {e}")
     print_plan(jobs)
     if not args.dry_run:
-        (Path(args.root) / "slurm").mkdir(parents=True, exist_ok=True)
         submit(jobs, args)
 
 
