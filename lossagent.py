@@ -1200,7 +1200,8 @@ def save_plot(history, names, path):
             ax.plot(stages[kept], values[kept], marker="o", label=label)
             if not all(kept):  # undone attempts (reflection): crosses where they landed
                 ax.plot(stages[~np.array(kept)], values[~np.array(kept)], "rx", markersize=9)
-    axes[0, 0].set(title="loss weights", xlabel="stage", yscale="symlog", ylabel="weight")
+    axes[0, 0].set(title="loss weights", xlabel="stage", ylabel="weight")
+    axes[0, 0].set_yscale("symlog", linthresh=1e-3)  # weights span decades and may be 0
     axes[0, 0].legend()
     for ax, (e, _) in zip(axes[0, 1:], experts):
         ax.set(title=f"{e} (mean over feedback images)", xlabel="stage")
