@@ -37,6 +37,7 @@ model = "{model}"
 base_url = "{url}"
 retries = 0
 fallback = "keep"
+constrained = false
 timeout = 5
 """
 
