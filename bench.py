@@ -98,8 +98,8 @@ ALL = ["off", "sdpa", "bf16", "channels_last", "all on"]
 MODES = {
     "smoke": dict(iters=4, log_every=2, variants={"cisr": ["off", "all on"], "risr": ["off"], "air": ["off"]},
                   batches=4, prompts=2, tokens=4),
-    "quick": dict(iters=6, log_every=2, variants={"cisr": ALL, "risr": ["off", "all on"], "air": ["off", "all on"]},
-                  batches=10, prompts=10, tokens=24),
+    "quick": dict(iters=10, log_every=2, variants={"cisr": ALL, "risr": ["off", "all on"], "air": ["off", "all on"]},
+                  batches=10, prompts=10, tokens=16),
     "full": dict(iters=60, log_every=10, variants={"cisr": ALL, "risr": ALL, "air": ALL}, batches=50, prompts=10, tokens=96),
 }
 STAGE_K = {"cisr": 5000, "risr": 5000, "air": 2500}  # the paper's iterations per stage
@@ -377,7 +377,9 @@ def bench_llm(tasks, data, experts, restored, feedback, device, prompts, tokens,
         return out
     texts = [agent.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
     out["prompt_tokens"] = [len(ids) for ids in agent.tokenizer(texts, add_special_tokens=False)["input_ids"]]
-    agent.generate(conversations[:1], 0)  # warm-up
+    agent.cfg = replace(agent.cfg, max_new_tokens=1)
+    agent.generate(conversations[:1], 0)  # warm-up: the first call pays for allocations
+    agent.cfg = replace(agent.cfg, max_new_tokens=tokens)
 
     def parsed(replies):
         return sum(lossagent.parse_weights(r, names) is not None for r in replies)

@@ -1385,9 +1385,10 @@ def run(cfg):
     ema = copy.deepcopy(net).eval().requires_grad_(False) if cfg.train.ema_decay > 0 else None
 
     if cfg.train.channels_last:
-        net = net.to(memory_format=torch.channels_last)
-        if gan is not None:
-            gan.net_d.to(memory_format=torch.channels_last)
+        # Only the convolutions: PromptIR's prompts are 5-D parameters, which have no channels_last layout.
+        for module in [*net.modules(), *(gan.net_d.modules() if gan is not None else [])]:
+            if isinstance(module, torch.nn.Conv2d):
+                module.to(memory_format=torch.channels_last)
     raw_net = net
     if cfg.train.compile:
         net = torch.compile(net)

@@ -190,3 +190,10 @@ def test_two_stages_with_the_real_smollm2(tmp_path):
         valid = [p for p in stage1["proposals"] if p is not None]
         assert list(stage1["next_weights"].values()) == pytest.approx([sum(c) / len(c) for c in zip(*valid)])
     assert history["stages"][2]["weights"] == stage1["next_weights"]
+
+
+def test_speed_switches_train_the_same_run(tmp_path):
+    result = lossagent(tiny_config(tmp_path, backend="fixed", stages=1, iters=2), tmp_path,
+                       "--set", "train.channels_last=true", "--set", "model.args.use_sdpa=false")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "runs" / "tiny" / "ckpt" / "last.pt").exists()
