@@ -23,6 +23,7 @@ import aggregate  # noqa: E402
 import launch  # noqa: E402
 
 import lossagent  # noqa: E402
+from test_run import tiny_config as run_tiny_config  # noqa: E402
 
 NIQE_FILE = ROOT.parent / "shared" / "data" / "niqe_modelparameters.mat"
 CI_CONF = Path(os.environ.get("LOSSAGENT_SLURM_DIR", "/tmp/lossagent-slurm")) / "slurm.conf"
@@ -45,41 +46,9 @@ TINY = [
 ]
 
 # The demo shrunk the same way, as a config file for the sbatch scripts (CONFIG=...).
-TINY_CONFIG = """include = '{demo}'
-[model.args]
-upscale = 4
-img_size = 16
-window_size = 4
-depths = [1]
-embed_dim = 12
-num_heads = [2]
-mlp_ratio = 2.0
-upsampler = "pixelshuffle"
-resi_connection = "1conv"
-[losses.options.GAN]
-num_feat = 8
-[train]
-stages = {stages}
-iters_per_stage = {iters}
-batch_size = 2
-log_every = 1
-num_workers = 0
-[data]
-patch_size = 16
-[feedback]
-count = 2
-max_side = 64
-[[experts]]
-metric = "psnr"
-[agent]
-backend = "fixed"
-"""
-
-
 def tiny_config(tmp_path, stages=2, iters=2):
-    path = tmp_path / "tiny.toml"
-    path.write_text(TINY_CONFIG.format(demo=(ROOT / "configs" / "demo.toml").as_posix(), stages=stages, iters=iters))
-    return path
+    """The end-to-end tests' tiny CPU run (tests/test_run.py), with fixed weights: no LLM inside SLURM jobs."""
+    return run_tiny_config(tmp_path, stages=stages, iters=iters, backend="fixed")
 
 
 # -----------------------------------------------------------------------------
