@@ -90,6 +90,7 @@ VARIANTS = {
     "all on": dict(sdpa=True, amp="bf16", channels_last=True, compile=False),
     "all on, fp32": dict(sdpa=True, amp="off", channels_last=True, compile=False),
     "all on + compile": dict(sdpa=True, amp="bf16", channels_last=True, compile=True),
+    "all on, fp32 + compile": dict(sdpa=True, amp="off", channels_last=True, compile=True),
 }
 
 # How much each mode measures: training iterations per run (log_every apart; the first logged window is the
@@ -251,7 +252,7 @@ def choose_variants(mode_name, tasks, device, with_compile):
     emulated_bf16 = not native_bf16(device) and mode_name != "full"
     if emulated_bf16:
         notes.append(f"bf16 left out of the {mode_name} run: this {device.type} has no native bf16 (avx512_bf16, amx), "
-                     "so autocast emulates it and runs ~15x slower; the full run measures it anyway")
+                     "so autocast emulates it, over 10x slower; the full run measures it anyway")
     for task, size in tasks.items():
         variants = list(mode["variants"][task])
         if emulated_bf16:
@@ -259,7 +260,7 @@ def choose_variants(mode_name, tasks, device, with_compile):
         if size["arch"] != "SwinIR":
             variants = [v for v in variants if v != "sdpa"]  # PromptIR's attention is across channels: no SDPA switch
         if with_compile:
-            variants += ["compile", "all on + compile"]
+            variants += ["compile", "all on, fp32 + compile" if emulated_bf16 else "all on + compile"]
         chosen[task] = variants
     if not with_compile:
         notes.append("torch.compile not measured (opt-in: --compile)")
@@ -284,7 +285,7 @@ def bench_training(tasks, variants, mode, size_kind, data, root, device, workers
                 row["images_per_s"] = row["it_per_s"] * size["batch"]
                 print(f"{row['it_per_s']:.2f} it/s", flush=True)
             except RuntimeError as e:
-                row["error"] = str(e).strip().splitlines()[-1]
+                row["error"], row["traceback"] = str(e).strip().splitlines()[-1], str(e)
                 print(f"failed: {row['error']}", flush=True)
             row["wall_s"] = time.perf_counter() - start  # the whole child: imports on a GPU, setup, stage 0, saving
             rows.append(row)
@@ -337,7 +338,7 @@ def bench_agent(tasks, data, device, prompts, tokens, llm, gguf_file, llm_dtype,
                 made, seconds = timed(lambda: lossagent.make_experts([lossagent.ExpertConfig(metric=metric)], device,
                                                                      download=False), device)
         except Exception as e:  # offline, pyiqa fails in many ways when a weight file is missing
-            result["experts_s"][metric.upper()] = f"skipped: {str(e).splitlines()[0][:120]}"
+            result["experts_s"][metric.upper()] = f"skipped: {str(e).splitlines()[0]}"
             continue
         experts += made
         result["experts_setup_s"][metric.upper()] = seconds
@@ -397,7 +398,8 @@ def bench_llm(tasks, data, experts, restored, feedback, device, prompts, tokens,
 
 def stage_fractions(agent, training):
     """The agent's time per stage (restore + experts + the batched LLM) against K iterations at the fastest
-    measured training speed of the task: the fastest training makes the agent's share the largest."""
+    measured training speed of the task: the fastest training makes the agent's share the largest. The experts and the
+    LLM are timed once, on the CISR feedback, and those times stand for every task."""
     llm = agent["llm"].get("batched_s")
     experts = sum(v for v in agent["experts_s"].values() if isinstance(v, float))
     fractions = {}
@@ -484,7 +486,8 @@ def table(report):
     for task, r in a["restore_s"].items():
         lines.append(f"| restore {a['T']} feedback images ({task}, {r['network']}, input {r['input']}) | {r['seconds']:.3f} |")
     for name, s in a["experts_s"].items():
-        lines.append(f"| expert {name} on {a['T']} images | {s if isinstance(s, str) else f'{s:.3f}'} |")
+        shown = (s if len(s) <= 100 else s[:97] + "...") if isinstance(s, str) else f"{s:.3f}"
+        lines.append(f"| expert {name} on {a['T']} images | {shown} |")
     llm = a["llm"]
     if "skipped" in llm:
         lines.append(f"| LLM {llm['model']} | skipped: {llm['skipped']} |")
