@@ -14,8 +14,8 @@ Four parts, one table each, all written to --out (JSON):
             fixed-weight config, for each speed option alone, all off and all on. Each run is a child
             process, so that its peak memory is its own.
   agent     per stage: restoring T = 10 feedback images, scoring them, and the LLM answering the 10
-            per-image prompts one by one vs in one batch (and constrained); the share of a stage
-            that this costs at the paper's K.
+            per-image prompts one by one vs in one batch (and constrained); the LLM's memory between
+            stages and at its peak; the share of a stage that this costs at the paper's K.
   data      patches/s of the training loaders, next to the training images/s: is training input-bound?
   env       device, torch version, threads, load average and every setting, kept with the numbers.
 
@@ -98,10 +98,11 @@ VARIANTS = {
 ALL = ["off", "sdpa", "bf16", "channels_last", "all on"]
 MODES = {
     "smoke": dict(iters=4, log_every=2, variants={"cisr": ["off", "all on"], "risr": ["off"], "air": ["off"]},
-                  batches=4, prompts=2, tokens=4),
+                  batches=4, prompts=2, tokens=4, unshared=True),
     "quick": dict(iters=10, log_every=2, variants={"cisr": ALL, "risr": ["off", "all on"], "air": ["off", "all on"]},
-                  batches=10, prompts=10, tokens=16),
-    "full": dict(iters=60, log_every=10, variants={"cisr": ALL, "risr": ALL, "air": ALL}, batches=50, prompts=10, tokens=96),
+                  batches=10, prompts=10, tokens=32, unshared=False),
+    "full": dict(iters=60, log_every=10, variants={"cisr": ALL, "risr": ALL, "air": ALL}, batches=50, prompts=10,
+                 tokens=lossagent.AgentConfig.max_new_tokens, unshared=True),
 }
 STAGE_K = {"cisr": 5000, "risr": 5000, "air": 2500}  # the paper's iterations per stage
 TRAIN_PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "cat", "camera",
@@ -309,7 +310,14 @@ def timed(fn, device):
     return out, time.perf_counter() - start
 
 
-def bench_agent(tasks, data, device, prompts, tokens, llm, gguf_file, llm_dtype, work):
+def memory_now(device):
+    """MiB in use now: CUDA memory allocated on a GPU, the resident set on a CPU."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device) / 2**20
+    return int(re.search(r"VmRSS:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) / 1024
+
+
+def bench_agent(tasks, data, device, mode, llm, gguf_file, llm_dtype, work):
     from data.feedback import load_feedback
     result = {"T": 10, "restore_s": {}}
     feedback = {}
@@ -346,15 +354,17 @@ def bench_agent(tasks, data, device, prompts, tokens, llm, gguf_file, llm_dtype,
         judge()  # warm-up
         _, result["experts_s"][metric.upper()] = timed(judge, device)
 
-    result["llm"] = bench_llm(tasks, data, experts, cisr_restored, feedback["cisr"], device, prompts, tokens, llm, gguf_file,
+    result["llm"] = bench_llm(tasks, data, experts, cisr_restored, feedback["cisr"], device, mode, llm, gguf_file,
                               llm_dtype, work)
     return result
 
 
-def bench_llm(tasks, data, experts, restored, feedback, device, prompts, tokens, llm, gguf_file, llm_dtype, work):
+def bench_llm(tasks, data, experts, restored, feedback, device, mode, llm, gguf_file, llm_dtype, work):
     """The per-image prompts of stage 5 (a history of stages 0-4; T = 10 of them, 2 in --smoke), answered one by
-    one, in one batch, and in one constrained batch. Greedy decoding: the three ways then generate the same replies,
-    so their times compare."""
+    one, in one batch (the shared start read once; also read whole per prompt, except in --quick), and in one
+    constrained batch. Greedy decoding: the ways then generate the same replies, so their times compare. --quick
+    generates 32 new tokens to stay within its time; the full run generates the agent's default reply length (96)."""
+    prompts, tokens = mode["prompts"], mode["tokens"]
     cfg = load(task_config("cisr", tasks["cisr"], data, root=work), work)
     cfg.agent = lossagent.AgentConfig(backend="transformers", model=llm, gguf_file=gguf_file, dtype=llm_dtype,
                                       max_new_tokens=tokens, do_sample=False)
@@ -370,14 +380,18 @@ def bench_llm(tasks, data, experts, restored, feedback, device, prompts, tokens,
     conversations = [lossagent.build_messages(cfg, names, experts, history, image) for image in range(prompts)]
     out = {"model": llm + (f" ({gguf_file})" if gguf_file else ""), "dtype": llm_dtype, "prompts": len(conversations),
            "max_new_tokens": tokens, "greedy": True}
+    before = memory_now(device)
     try:
         agent, out["load_s"] = timed(lambda: lossagent.TransformersAgent(cfg.agent, device, names, cfg.losses.max_weight),
                                      device)
     except (FileNotFoundError, ImportError, OSError, ValueError) as e:
         out["skipped"] = str(e).splitlines()[0]
         return out
+    out["resident_mib"] = memory_now(device) - before  # what train.offload moves off the GPU during training
     texts = [agent.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
-    out["prompt_tokens"] = [len(ids) for ids in agent.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    rows = agent.tokenizer(texts, add_special_tokens=False)["input_ids"]
+    out["prompt_tokens"] = [len(ids) for ids in rows]
+    out["shared_tokens"] = next((i for i in range(min(map(len, rows))) if len({r[i] for r in rows}) > 1), 0)
     agent.cfg = replace(agent.cfg, max_new_tokens=1)
     agent.generate(conversations[:1], 0)  # warm-up: the first call pays for allocations
     agent.cfg = replace(agent.cfg, max_new_tokens=tokens)
@@ -387,8 +401,14 @@ def bench_llm(tasks, data, experts, restored, feedback, device, prompts, tokens,
 
     replies, out["sequential_s"] = timed(lambda: [agent.generate([c], 0)[0] for c in conversations], device)
     out["sequential_parsed"] = parsed(replies)
+    lossagent.peak_memory_mib(device)  # from here, the peak of the batched generation
     replies, out["batched_s"] = timed(lambda: agent.generate(conversations, 0), device)
+    out["batched_peak_mib"] = lossagent.peak_memory_mib(device)
     out["batched_parsed"] = parsed(replies)
+    if mode["unshared"]:
+        agent.cfg = replace(agent.cfg, share_prefix=False)
+        _, out["batched_unshared_s"] = timed(lambda: agent.generate(conversations, 0), device)
+        agent.cfg = replace(agent.cfg, share_prefix=True)
     agent.cfg = replace(agent.cfg, constrained=True)
     replies, out["constrained_batched_s"] = timed(lambda: agent.generate(conversations, 0), device)
     out["constrained_parsed"] = parsed(replies)
@@ -423,7 +443,8 @@ def bench_data(tasks, data, device, batches, workers, work):
     rows = []
     for task, size in tasks.items():
         cfg = load(task_config(task, size, data, iters=batches, workers=workers, root=work), work)
-        loader = lossagent.make_train_loader(cfg, 1, 0, 1)
+        loader = lossagent.make_train_loader(cfg, 0, 1)
+        loader.sampler.reseed(lossagent.stage_seed(cfg.train.seed, 1, 0))
         degrade = RealESRGANDegradation(scale=4) if task == "risr" else None
         generator = torch.Generator(device).manual_seed(0)
         count, start = 0, None
@@ -495,8 +516,14 @@ def table(report):
         tokens = f"{llm['prompts']} prompts of ~{int(np.mean(llm['prompt_tokens']))} tokens, {llm['max_new_tokens']} new tokens"
         lines += [f"| LLM {llm['model']} {llm['dtype']}: load (once per run) | {llm['load_s']:.2f} |",
                   f"| LLM sequential ({tokens}; {llm['sequential_parsed']} parsed) | {llm['sequential_s']:.2f} |",
-                  f"| LLM batched ({llm['batched_parsed']} parsed; {llm['batched_speedup']:.2f}x faster) | {llm['batched_s']:.2f} |",
-                  f"| LLM batched, constrained ({llm['constrained_parsed']} parsed) | {llm['constrained_batched_s']:.2f} |"]
+                  f"| LLM batched, the shared {llm['shared_tokens']} start tokens read once ({llm['batched_parsed']} parsed; "
+                  f"{llm['batched_speedup']:.2f}x faster) | {llm['batched_s']:.2f} |",
+                  *([f"| LLM batched, every prompt read whole (agent.share_prefix = false) | {llm['batched_unshared_s']:.2f} |"]
+                    if "batched_unshared_s" in llm else []),
+                  f"| LLM batched, constrained ({llm['constrained_parsed']} parsed) | {llm['constrained_batched_s']:.2f} |",
+                  f"| LLM memory (MiB, {'CUDA allocated' if report['env']['device_type'] == 'cuda' else 'RSS'}): held between "
+                  f"stages (train.offload moves it off the GPU) / peak while answering the batch | "
+                  f"{llm['resident_mib']:.0f} / {llm['batched_peak_mib'] or 0:.0f} |"]
     for task, f in a.get("fractions", {}).items():
         lines.append(f"| {task}: agent per stage / (K = {f['K']} iterations at {f['it_per_s']:.2f} it/s ({f['variant']}) = "
                      f"{f['train_s']:.0f} s + agent) | {f['agent_s']:.2f} = {100 * f['fraction']:.2f}% |")
@@ -545,7 +572,7 @@ def main(argv=None):
         report["env"]["training_s"] = time.time() - start
         (work / "agent").mkdir()
         print("agent cost per stage ...", flush=True)
-        report["agent"] = bench_agent(tasks, work / "data", device, mode["prompts"], mode["tokens"], args.llm, args.gguf_file,
+        report["agent"] = bench_agent(tasks, work / "data", device, mode, args.llm, args.gguf_file,
                                       args.llm_dtype, work / "agent")
         report["agent"]["fractions"] = stage_fractions(report["agent"], report["training"])
         print("data pipeline ...", flush=True)

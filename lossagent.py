@@ -98,6 +98,8 @@ class TrainConfig:
     amp: str = "off"  # off | bf16 | fp16 (fp16 uses a grad scaler)
     channels_last: bool = False  # NHWC memory layout for the convolutions of the network and the discriminator
     compile: bool = False  # torch.compile the network (opt-in: the first iterations pay for the compilation)
+    offload: bool = False  # rank 0: the experts' networks and the LLM wait on the CPU while the network trains
+    static_graph: bool = True  # DDP: every iteration uses the same parameters, so DDP maps the graph once (false for a dynamic network)
     ema_decay: float = 0.0  # 0 = no EMA; the SwinIR-GAN setting is 0.999. Feedback uses the EMA network
     log_every: int = 10  # iterations between console lines and metrics.jsonl records
     num_workers: int = 2  # DataLoader workers per rank
@@ -169,6 +171,7 @@ class AgentConfig:
     fallback: str = "keep"  # when no reply parses: keep | perturb the previous weights
     perturb_scale: float = 0.1  # relative size of the fallback's (and the random controller's) random change
     constrained: bool = False  # guarantee a well-formed Weights line: constrained decoding, or vLLM's guided_regex
+    share_prefix: bool = True  # transformers: the start all prompts of a stage share (system part) is read once, not T times
     step: float = 0.3  # hillclimb: first relative step of a weight (halved at every reversal)
     experience: list = field(default_factory=list)  # experience.json files of earlier runs, shown in the system part
 
@@ -385,11 +388,13 @@ def stage_seed(seed, stage, rank):
     return int(np.random.SeedSequence([seed, stage, rank]).generate_state(1)[0])
 
 
-def make_train_loader(cfg, stage, rank, world):
-    """A loader for one stage: its order is seeded by (seed, stage, rank), so a resumed stage
-    sees the same patches as an uninterrupted one, and each rank sees different patches."""
+def make_train_loader(cfg, rank, world):
+    """The run's training loader. Its StageSampler is reseeded by (seed, stage, rank) at every stage, so a resumed
+    stage sees the same patches as an uninterrupted one and each rank sees different patches; its workers persist
+    across stages (no restart, and their decoded-image caches stay warm)."""
     from data.air import AIRDataset
     from data.cisr import CISRDataset
+    from data.images import SeededItems, StageSampler
     from data.risr import GTCropDataset
     d = cfg.data
     if cfg.task.name == "cisr":
@@ -400,12 +405,10 @@ def make_train_loader(cfg, stage, rank, world):
         dataset = AIRDataset(d.train, derain_dir=d.derain or None, dehaze_dir=d.dehaze or None,
                              patch=d.patch_size, sigmas=tuple(d.sigmas), augment=d.augment)
     per_rank = cfg.train.batch_size // world
-    generator = torch.Generator().manual_seed(stage_seed(cfg.train.seed, stage, rank))
-    sampler = torch.utils.data.RandomSampler(dataset, replacement=True, generator=generator,
-                                             num_samples=cfg.train.iters_per_stage * per_rank)
-    return torch.utils.data.DataLoader(dataset, batch_size=per_rank, sampler=sampler, drop_last=True,
+    sampler = StageSampler(len(dataset), cfg.train.iters_per_stage * per_rank)
+    return torch.utils.data.DataLoader(SeededItems(dataset), batch_size=per_rank, sampler=sampler, drop_last=True,
                                        num_workers=cfg.train.num_workers, pin_memory=torch.cuda.is_available(),
-                                       generator=generator, persistent_workers=False)
+                                       persistent_workers=cfg.train.num_workers > 0)
 
 
 def missing_paths(cfg):
@@ -628,6 +631,35 @@ def restore_feedback(net, feedback, device, autocast):
     return out
 
 
+def move_judges(experts, agent, device):
+    """Moves the experts' networks and the LLM to `device`: to the CPU while the network trains (train.offload),
+    so the GPU memory they hold goes to training, and back to the GPU to judge and answer."""
+    for e in experts:
+        if e.metric is not None:
+            e.metric.to(device)
+            e.metric.device = device  # pyiqa's own note of its device, used by judge()
+    if isinstance(agent, TransformersAgent):
+        agent.model.to(device)
+        agent.device = device
+    if device.type == "cpu" and torch.cuda.is_available():
+        torch.cuda.empty_cache()  # hand the freed blocks back, so nvidia-smi shows what training can use
+
+
+def peak_memory_mib(device):
+    """The peak memory since the previous call, in MiB, and a fresh count for the next phase: CUDA memory
+    allocated on a GPU, the process's resident set on a CPU (Linux only; None elsewhere)."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        return round(peak / 2**20)
+    try:
+        peak = int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1))
+        Path("/proc/self/clear_refs").write_text("5")  # "5" resets VmHWM, the peak resident set (Linux >= 4.0)
+        return round(peak / 1024)
+    except (OSError, AttributeError):
+        return None
+
+
 # -----------------------------------------------------------------------------
 # Prompt: system part (role, inputs, score meanings, goal), history part, rules part.
 
@@ -843,7 +875,6 @@ class TransformersAgent:
             raise FileNotFoundError(f"cannot load the LLM '{cfg.model}' ({e.__class__.__name__}: {str(e).splitlines()[0]}). "
                                     "Give agent.model as a local directory, or download it where there is internet "
                                     f"(`huggingface-cli download {cfg.model}`) into the Hugging Face cache") from None
-        self.tokenizer.padding_side = "left"  # generation continues from the end of every row
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.cfg, self.device, self.names, self.max_weight = cfg, device, names, max_weight
@@ -853,22 +884,37 @@ class TransformersAgent:
         prefix = f"Weights: {':'.join(self.names)}=" if self.cfg.constrained else ""
         texts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) + prefix
                  for c in conversations]
-        batch = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-        prompt_len = batch["input_ids"].shape[1]  # out: [B, prompt_len + new tokens]
+        rows = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        shared = 0  # leading tokens common to every prompt; at least one token of each prompt stays unshared
+        if self.cfg.share_prefix and len(rows) > 1:
+            while shared < min(map(len, rows)) - 1 and len({r[shared] for r in rows}) == 1:
+                shared += 1
+        # Left padding, with the shared start kept in front: [shared | pads | rest]. The attention mask hides the
+        # pads, and the positions count unmasked tokens only, so every row reads as if it were alone.
+        pad, width = self.tokenizer.pad_token_id, max(map(len, rows))
+        input_ids = torch.tensor([r[:shared] + [pad] * (width - len(r)) + r[shared:] for r in rows], device=self.device)
+        mask = torch.tensor([[1] * shared + [0] * (width - len(r)) + [1] * (len(r) - shared) for r in rows], device=self.device)
         sampling = dict(do_sample=True, temperature=self.cfg.temperature, top_p=self.cfg.top_p) if self.cfg.do_sample else dict(do_sample=False)
         if self.cfg.constrained:
             eos = self.model.generation_config.eos_token_id
             eos_ids = eos if isinstance(eos, list) else [eos if eos is not None else self.tokenizer.eos_token_id]
             sampling["logits_processor"] = [WeightsLineProcessor(self.tokenizer, len(self.names), self.max_weight,
-                                                                 prompt_len, eos_ids)]
+                                                                 width, eos_ids)]
             sampling["max_new_tokens"] = 7 * len(self.names) + 1  # each number has at most 6 characters
         # Sampling draws from torch's global RNG: fork it so the agent neither disturbs training
         # nor depends on it, and seed it by stage so a resumed run samples the same replies.
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), torch.no_grad():
+            if shared:
+                # The shared start is read once, and its key/value cache copied to every row.
+                from transformers import DynamicCache
+                cache = DynamicCache(config=self.model.config)
+                self.model(input_ids=input_ids[:1, :shared], past_key_values=cache, use_cache=True)
+                cache.batch_repeat_interleave(len(rows))
+                sampling["past_key_values"] = cache
             torch.manual_seed(seed)
-            out = self.model.generate(**batch, pad_token_id=self.tokenizer.pad_token_id,
+            out = self.model.generate(input_ids=input_ids, attention_mask=mask, pad_token_id=pad,
                                       **{"max_new_tokens": self.cfg.max_new_tokens, **sampling})
-        return [prefix + self.tokenizer.decode(row[prompt_len:], skip_special_tokens=True) for row in out]
+        return [prefix + self.tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]  # out: [B, width + new]
 
 
 class OpenAIAgent:
@@ -1394,10 +1440,12 @@ def run(cfg):
         net = torch.compile(net)
     if ddp:
         from models.promptir import HAS_UNUSED_PARAMETERS
-        # PromptIR has layers that never receive a gradient; only then pay for DDP's unused-parameter search.
-        net = DDP(net, device_ids=[device.index] if use_cuda else None,
-                  find_unused_parameters=cfg.model.arch == "PromptIR" and HAS_UNUSED_PARAMETERS)
-    net_d = DDP(gan.net_d, device_ids=[device.index] if use_cuda else None) if gan is not None and ddp else None
+        # A static graph lets DDP learn once which parameters get gradients (PromptIR has layers that never do) and
+        # skip its per-iteration search; without it, PromptIR needs that search to avoid waiting for them forever.
+        net = DDP(net, device_ids=[device.index] if use_cuda else None, static_graph=cfg.train.static_graph,
+                  find_unused_parameters=not cfg.train.static_graph and cfg.model.arch == "PromptIR" and HAS_UNUSED_PARAMETERS)
+    net_d = (DDP(gan.net_d, device_ids=[device.index] if use_cuda else None, static_graph=cfg.train.static_graph)
+             if gan is not None and ddp else None)
 
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp)
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
@@ -1467,11 +1515,17 @@ def run(cfg):
     if cfg.losses.sharpen_gt:
         from losses import usm_sharp
 
+    loader = make_train_loader(cfg, rank, world)
     while stage <= cfg.train.stages:
         iteration = (stage - 1) * cfg.train.iters_per_stage
         active = [(n, w) for n, w in zip(names, weights) if w > 0]  # zero-weight losses are not computed
         update_d = gan is not None and (weights[names.index("GAN")] > 0 or gan.update_when_zero)
-        loader = make_train_loader(cfg, stage, rank, world)
+        loader.sampler.reseed(stage_seed(cfg.train.seed, stage, rank))
+        memory = {}  # rank 0: the peak of each phase of this stage (train, feedback, agent), see peak_memory_mib
+        if is_main:
+            if cfg.train.offload:
+                move_judges(experts, agent, torch.device("cpu"))
+            peak_memory_mib(device)  # starts the count of the training phase
         if cfg.task.name == "risr":
             # The degradations are drawn on the training device, seeded like the loader.
             degrade_generator = torch.Generator(device).manual_seed(stage_seed(cfg.train.seed, stage, rank))
@@ -1517,11 +1571,16 @@ def run(cfg):
                       flush=True)
 
         # End of stage: rank 0 restores, scores, reflects and asks the agent; every rank follows its decisions.
-        entry = {"stage": stage, "attempt": attempt, "iteration": iteration, "weights": dict(zip(names, weights))}
+        entry = {"stage": stage, "attempt": attempt, "iteration": iteration, "weights": dict(zip(names, weights)),
+                 "memory_mib": memory}
         retry, keep = False, attempt  # keep: the attempt whose result this stage ends with
         if is_main:
+            memory["train"] = peak_memory_mib(device)
+            if cfg.train.offload:
+                move_judges(experts, agent, device)
             restored = restore_feedback(ema if ema is not None else raw_net, feedback, device, autocast)
             entry.update(judge_stage(cfg, experts, restored, feedback, stage, run_dir))
+            memory["feedback"] = peak_memory_mib(device)  # restoring and judging
             history.append(entry)
             if cfg.reflection.enabled:
                 retry, keep = reflect(cfg, experts, history, stage, attempt)
@@ -1557,13 +1616,15 @@ def run(cfg):
             else:
                 record, logs = {}, []
             entry.update(record)
+            memory["agent"] = peak_memory_mib(device)
             if logs:
                 with open(run_dir / "agent.jsonl", "a") as fh:
                     fh.writelines(json.dumps({**log, "attempt": attempt}) + "\n" for log in logs)
         if is_main:
             print(f"stage {stage} done: " + ", ".join(f"{k} {fmt(v['mean'])}" for k, v in entry["scores"].items() if "mean" in v)
                   + (f" | next {weights_text(names, weights)}" + (f" (fallback: {entry['fallback']})" if entry.get("fallback") else "")
-                     if stage < cfg.train.stages or retry else ""), flush=True)
+                     if stage < cfg.train.stages or retry else "")
+                  + " | peak MiB " + ", ".join(f"{k} {v}" for k, v in memory.items() if v is not None), flush=True)
         if ddp:
             shared = torch.tensor(weights, dtype=torch.float64, device=device)
             dist.broadcast(shared, 0)

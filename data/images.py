@@ -9,8 +9,9 @@ A "source" names a set of images in one of four ways:
 Decoded images are uint8 H x W x 3 RGB numpy arrays (grayscale and RGBA inputs become RGB); tensors
 are float [0, 1] in [3, H, W] or [N, 3, H, W].
 
-Randomness in the crop/augment helpers comes only from torch's global RNG, so a DataLoader's
-generator seeds every worker reproducibly.
+Randomness in the crop/augment helpers comes only from torch's global RNG. `StageSampler` and
+`SeededItems` seed that RNG per item, so a training patch depends only on (run seed, stage, rank, position),
+whichever worker makes it.
 """
 
 import os
@@ -209,6 +210,45 @@ def random_dihedral(imgs: list[torch.Tensor], hflip: bool = True, rot: bool = Tr
             t = t.transpose(-1, -2)
         out.append(t.contiguous())
     return out
+
+
+class StageSampler(torch.utils.data.Sampler):
+    """The training items of one stage on one rank: `count` dataset indices drawn uniformly with replacement,
+    each paired with a seed of its own for that item's crop and flips. It lives as long as the run, so the
+    DataLoader's workers (and their image caches) persist across stages; `reseed` moves it to the next stage."""
+
+    def __init__(self, size: int, count: int):
+        self.size, self.count, self.seed = size, count, 0
+
+    def reseed(self, seed: int) -> None:
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed)
+        indices = torch.randint(self.size, (self.count,), generator=g).tolist()
+        seeds = torch.randint(2**62, (self.count,), generator=g).tolist()
+        return iter(zip(indices, seeds))
+
+
+class SeededItems(torch.utils.data.Dataset):
+    """`dataset`, indexed by StageSampler's (index, seed) pairs: each item is drawn with torch's RNG seeded
+    by its seed. The RNG is restored afterwards, so without workers the training process's RNG (drop path)
+    is not disturbed."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        index, seed = item
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.dataset[index]
 
 
 class ImageCache:

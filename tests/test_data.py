@@ -14,7 +14,8 @@ from data.air import AIRDataset, find_pairs
 from data.benchmark import benchmark_pairs, psnr, rgb_to_y, score_images, ssim, tiled_forward
 from data.cisr import CISRDataset, bicubic_lr, prepare_subimages
 from data.feedback import load_feedback
-from data.images import check_sources, list_images, load_image, modcrop, read_images, save_image, to_tensor
+from data.images import (SeededItems, StageSampler, check_sources, list_images, load_image, modcrop, read_images,
+                         save_image, to_tensor)
 from data.imresize import imresize
 from data.jpeg import jpeg_roundtrip
 from data.risr import KERNEL_TYPES, GTCropDataset, RealESRGANDegradation, _sinc_kernels, random_blur_kernels
@@ -190,6 +191,30 @@ def test_cisr_loader_reproducible_with_workers_and_subimages(tmp_path):
     assert first[0].shape == (4, 3, 8, 8)
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True))
     assert not all(torch.equal(a, b) for a, b in zip(first, other, strict=True))
+
+
+def test_stage_sampler_items_do_not_depend_on_workers_or_earlier_stages(tmp_path):
+    """Persistent workers: one loader for the run, reseeded per stage. A stage's patches depend only on its seed,
+    not on the worker count or on the stages drawn before it (what a resumed run needs)."""
+    ds = SeededItems(CISRDataset(["skimage:coffee", "skimage:chelsea"], scale=4, lr_patch=8))
+
+    def loader(workers):
+        return torch.utils.data.DataLoader(ds, batch_size=2, sampler=StageSampler(len(ds), 6), num_workers=workers,
+                                           persistent_workers=workers > 0)
+
+    def stage(loader, seed):
+        loader.sampler.reseed(seed)
+        return torch.cat([b["lq"] for b in loader])
+
+    persistent, fresh = loader(2), loader(0)
+    seq = [stage(persistent, seed) for seed in (11, 12, 11)]
+    assert seq[0].shape == (6, 3, 8, 8)
+    assert torch.equal(seq[0], seq[2]) and not torch.equal(seq[0], seq[1])
+    assert torch.equal(stage(fresh, 12), seq[1])
+    state = torch.get_rng_state()
+    ds[(0, 5)]
+    assert torch.equal(torch.get_rng_state(), state)  # the training process's RNG is left as it was
+    assert torch.equal(ds[(1, 5)]["lq"], ds[(1, 5)]["lq"]) and not torch.equal(ds[(1, 5)]["lq"], ds[(1, 6)]["lq"])
 
 
 # ----------------------------------------------------------------------------------------------

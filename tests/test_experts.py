@@ -119,3 +119,18 @@ def test_training_fails_before_stage_0_when_a_backbone_is_missing(tmp_path):
     assert result.returncode == 2
     assert "missing files, so the run stops before training" in result.stderr and "vgg19-dcbb9e9d.pth" in result.stderr
     assert not (tmp_path / "runs" / "tiny" / "history.json").exists()
+
+
+def test_offload_moves_expert_networks_and_the_llm():
+    """train.offload: between stages the experts' networks and the LLM leave the training device. Here the
+    'meta' device stands in for the other side, since this machine has no GPU to move off (the run's way back to
+    the training device is test_run.py's test_speed_and_memory_switches_train_the_same_run, on the CPU)."""
+    import torch
+    sys.path.insert(0, str(ROOT))
+    import lossagent
+    experts = lossagent.make_experts([lossagent.ExpertConfig(metric="psnr")], torch.device("cpu"), download=False)
+    agent = object.__new__(lossagent.TransformersAgent)
+    agent.model, agent.device = torch.nn.Linear(2, 2), torch.device("cpu")
+    lossagent.move_judges(experts, agent, torch.device("meta"))
+    assert experts[0].metric.dummy_param.device.type == experts[0].metric.device.type == "meta"
+    assert agent.model.weight.device.type == agent.device.type == "meta"

