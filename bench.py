@@ -446,7 +446,7 @@ def bench_data(tasks, data, device, batches, workers, work):
         loader = lossagent.make_train_loader(cfg, 0, 1)
         loader.sampler.reseed(lossagent.stage_seed(cfg.train.seed, 1, 0))
         degrade = RealESRGANDegradation(scale=4) if task == "risr" else None
-        generator = torch.Generator(device).manual_seed(0)
+        generator = torch.Generator().manual_seed(0)  # the degradation's choices are drawn on the CPU
         count, start = 0, None
         for batch in loader:
             gt = batch["gt"].to(device)

@@ -95,7 +95,7 @@ class TrainConfig:
     betas: list = field(default_factory=lambda: [0.9, 0.99])  # Adam betas (BasicSR's SwinIR setting)
     seed: int = 0  # network init, data order, fallback perturbations
     device: str = "auto"  # auto | cpu | cuda (cuda = the GPU of LOCAL_RANK)
-    amp: str = "off"  # off | bf16 | fp16 (fp16 uses a grad scaler)
+    amp: str = "off"  # off | bf16 | fp16 (with a grad scaler) | auto (bf16 on GPUs that have it, fp16 on older GPUs, off on CPU)
     channels_last: bool = False  # NHWC memory layout for the convolutions of the network and the discriminator
     compile: bool = False  # torch.compile the network (opt-in: the first iterations pay for the compilation)
     offload: bool = False  # rank 0: the experts' networks and the LLM wait on the CPU while the network trains
@@ -318,7 +318,7 @@ def validate(cfg):
     """Cross-field checks, so that a bad setting fails before anything is built."""
     choices = {"task.name": (cfg.task.name, ("cisr", "risr", "air")),
                "model.arch": (cfg.model.arch, ("SwinIR", "PromptIR")),
-               "train.amp": (cfg.train.amp, ("off", "bf16", "fp16")),
+               "train.amp": (cfg.train.amp, ("off", "bf16", "fp16", "auto")),
                "train.device": (cfg.train.device, ("auto", "cpu", "cuda")),
                "feedback.degradation": (cfg.feedback.degradation, ("bicubic", "none", "noise", "realesrgan")),
                "agent.backend": (cfg.agent.backend, ("transformers", "openai", "fixed", "random", "hillclimb")),
@@ -1447,9 +1447,12 @@ def run(cfg):
     net_d = (DDP(gan.net_d, device_ids=[device.index] if use_cuda else None, static_graph=cfg.train.static_graph)
              if gan is not None and ddp else None)
 
-    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.amp)
+    amp = cfg.train.amp
+    if amp == "auto":
+        amp = ("bf16" if torch.cuda.is_bf16_supported() else "fp16") if use_cuda else "off"
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(amp)
     autocast = torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None)
-    scaler = torch.amp.GradScaler(device.type, enabled=cfg.train.amp == "fp16")
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == "fp16")
 
     # Everything the agent needs lives on rank 0 only.
     feedback, experts, agent = [], [], None
@@ -1498,7 +1501,7 @@ def run(cfg):
         write_atomic(run_dir / "config.toml", lambda p: p.write_text(to_toml(asdict(cfg)) + "\n"))
         print(f"run {run_dir}: {cfg.train.stages} stages x {cfg.train.iters_per_stage} iterations, "
               f"losses {':'.join(names)}, experts {', '.join(e.name for e in experts)}, agent {cfg.agent.backend}, "
-              f"{world} rank(s) on {device}")
+              f"{world} rank(s) on {device}, amp {amp}")
     if not history:
         if is_main:
             # Stage 0: the score before any training (the paper's "initial score").
@@ -1527,8 +1530,9 @@ def run(cfg):
                 move_judges(experts, agent, torch.device("cpu"))
             peak_memory_mib(device)  # starts the count of the training phase
         if cfg.task.name == "risr":
-            # The degradations are drawn on the training device, seeded like the loader.
-            degrade_generator = torch.Generator(device).manual_seed(stage_seed(cfg.train.seed, stage, rank))
+            # The degradations run on the training device and draw their sizes and branches from this CPU
+            # generator (reading those never waits for the GPU), seeded like the loader.
+            degrade_generator = torch.Generator().manual_seed(stage_seed(cfg.train.seed, stage, rank))
         start = time.time()
         for step, batch in enumerate(loader, 1):
             gt = batch["gt"].to(device, non_blocking=True)
@@ -1550,7 +1554,7 @@ def run(cfg):
             d_terms = {}
             if update_d:
                 # fp16 would need a scaler of its own for the discriminator: run its step in fp32 then.
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.train.amp == "bf16"):
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp == "bf16"):
                     d_terms = gan.discriminator_step(out.float(), gt, net_d=net_d)
             if ema is not None:
                 with torch.no_grad():

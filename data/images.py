@@ -212,6 +212,15 @@ def random_dihedral(imgs: list[torch.Tensor], hflip: bool = True, rot: bool = Tr
     return out
 
 
+def to_device_async(t: torch.Tensor, device) -> torch.Tensor:
+    """A small CPU tensor onto `device` without waiting for the GPU. A plain copy to a GPU waits for all the work
+    queued before it; a copy from pinned memory does not (PyTorch keeps the pinned block until the copy is done)."""
+    device = torch.device(device)
+    if t.device == device or device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 class StageSampler(torch.utils.data.Sampler):
     """The training items of one stage on one rank: `count` dataset indices drawn uniformly with replacement,
     each paired with a seed of its own for that item's crop and flips. It lives as long as the run, so the

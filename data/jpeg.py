@@ -13,6 +13,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from data.images import to_device_async
+
 # JPEG standard (ITU T.81 Annex K) quantisation tables, the base of libjpeg's quality scaling.
 LUMA_TABLE = (
     (16, 11, 10, 16, 24, 40, 51, 61),
@@ -46,7 +48,7 @@ def quality_tables(quality: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     factor = torch.where(q < 50, 5000.0 / q, 200.0 - 2.0 * q)
     tables = []
     for base in (LUMA_TABLE, CHROMA_TABLE):
-        base = torch.tensor(base, dtype=torch.float32, device=quality.device)
+        base = to_device_async(torch.tensor(base, dtype=torch.float32), quality.device)
         tables.append(torch.floor((base * factor + 50.0) / 100.0).clamp(1, 255))
     return tables[0], tables[1]
 
@@ -58,7 +60,7 @@ def _dct_matrix(device, dtype) -> torch.Tensor:
     n = torch.arange(8, dtype=torch.float64)[None, :]
     d = torch.cos((2 * n + 1) * k * math.pi / 16) * math.sqrt(2 / 8)
     d[0] /= math.sqrt(2)
-    return d.to(device=device, dtype=dtype)
+    return to_device_async(d.to(dtype), device)
 
 
 def _quantise_blocks(plane: torch.Tensor, table: torch.Tensor, dct: torch.Tensor) -> torch.Tensor:
@@ -81,10 +83,10 @@ def jpeg_roundtrip(img: torch.Tensor, quality: torch.Tensor | float) -> torch.Te
     b, _, h, w = img.shape
     if not torch.is_tensor(quality):
         quality = torch.full((b,), float(quality), device=img.device)
-    luma_table, chroma_table = quality_tables(quality.to(img.device))
+    luma_table, chroma_table = quality_tables(to_device_async(quality, img.device))
     pad_h, pad_w = -h % 16, -w % 16
     x = F.pad(img.clamp(0, 1) * 255.0, (0, pad_w, 0, pad_h), mode="replicate")
-    to_ycbcr = torch.tensor(_RGB_TO_YCBCR, dtype=x.dtype, device=x.device)
+    to_ycbcr = to_device_async(torch.tensor(_RGB_TO_YCBCR, dtype=x.dtype), x.device)
     # Y keeps its 0..255 range and Cb/Cr are centred, so subtracting 128 from Y alone level-shifts all three.
     ycc = torch.einsum("oc,bchw->bohw", to_ycbcr, x)
     y = ycc[:, :1] - 128.0

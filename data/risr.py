@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from data.images import ImageCache, list_images, random_crop, random_dihedral, to_8bit, to_tensor
+from data.images import ImageCache, list_images, random_crop, random_dihedral, to_8bit, to_device_async, to_tensor
 from data.jpeg import jpeg_roundtrip
 
 KERNEL_TYPES = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
@@ -64,7 +64,9 @@ class GTCropDataset(Dataset):
 
 
 # ----------------------------------------------------------------------------------------------
-# Random draws, all from one torch.Generator so the whole degradation is reproducible.
+# Random draws. The sizes, branches and per-image parameters come from a CPU generator: the degradation reads
+# them on the host (a resize factor sets a shape, a coin picks a branch), and reading a CPU tensor never waits
+# for the GPU. Only the per-pixel noise is drawn on the images' device, from a generator seeded by the CPU one.
 
 
 def _rand(n: int, g: torch.Generator) -> torch.Tensor:
@@ -192,9 +194,9 @@ def filter2d(x: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
     F.conv2d), reflect-padded. Kernels are trimmed to the largest non-zero extent in the batch."""
     b, c, h, w = x.shape
     k = kernels.shape[-1]
-    used = (kernels.abs().sum(0) > 0).nonzero()
+    used = (kernels.abs().sum(0) > 0).nonzero()  # on the kernels' device: the CPU here, so no wait for the GPU
     r = int((used - k // 2).abs().max())
-    kernels = kernels[:, k // 2 - r : k // 2 + r + 1, k // 2 - r : k // 2 + r + 1]
+    kernels = to_device_async(kernels[:, k // 2 - r : k // 2 + r + 1, k // 2 - r : k // 2 + r + 1], x.device)
     x = x.index_select(2, _reflect_index(h, r, x.device)).index_select(3, _reflect_index(w, r, x.device))
     weight = kernels.to(x.dtype).repeat_interleave(c, dim=0)[:, None]  # [B*C, 1, k, k], image-major
     out = F.conv2d(x.reshape(1, b * c, h + 2 * r, w + 2 * r), weight, groups=b * c)
@@ -206,34 +208,36 @@ def _interpolate(x: torch.Tensor, mode: str, size=None, scale_factor=None) -> to
     return F.interpolate(x, size=size, scale_factor=scale_factor, mode=mode, align_corners=align)
 
 
-def _gaussian_noise(x, sigma_range, gray_prob, g):
+def _gaussian_noise(x, sigma_range, gray_prob, g, gd):
     n = x.shape[0]
     sigma = _uniform(*sigma_range, n, g)[:, None, None, None] / 255.0
     gray = (_rand(n, g) < gray_prob)[:, None, None, None]
-    colour = torch.randn(x.shape, generator=g, device=g.device, dtype=x.dtype)
-    mono = torch.randn((n, 1) + x.shape[2:], generator=g, device=g.device, dtype=x.dtype)
-    noise = torch.where(gray, mono.expand_as(x), colour) * sigma
+    colour = torch.randn(x.shape, generator=gd, device=gd.device, dtype=x.dtype)
+    mono = torch.randn((n, 1) + x.shape[2:], generator=gd, device=gd.device, dtype=x.dtype)
+    noise = torch.where(to_device_async(gray, x.device), mono.expand_as(x), colour) * to_device_async(sigma, x.device)
     return (x + noise).clamp(0, 1), gray.flatten().tolist()
 
 
-def _shot_noise(img: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def _shot_noise(img: torch.Tensor, gd: torch.Generator) -> torch.Tensor:
     """Poisson noise of 8-bit-valued images [B, C, H, W]: photon counts scaled so the number of
-    levels is the next power of two above the image's distinct values (Real-ESRGAN/skimage rule)."""
-    levels = torch.tensor([torch.unique(im).numel() for im in img], dtype=img.dtype, device=img.device)
-    vals = (2 ** torch.ceil(torch.log2(levels)))[:, None, None, None]
-    return torch.poisson(img * vals, generator=g) / vals - img
+    levels is the next power of two above the image's distinct values (Real-ESRGAN/skimage rule).
+    The distinct values are counted in a 256-bin table on the device: torch.unique would wait for the GPU."""
+    codes = (img * 255).round().long().flatten(1)  # [B, C*H*W] 8-bit codes
+    seen = torch.zeros(img.shape[0], 256, dtype=img.dtype, device=img.device).scatter_(1, codes, 1.0)
+    vals = (2 ** torch.ceil(torch.log2(seen.sum(1))))[:, None, None, None]
+    return torch.poisson(img * vals, generator=gd) / vals - img
 
 
-def _poisson_noise(x, scale_range, gray_prob, g):
+def _poisson_noise(x, scale_range, gray_prob, g, gd):
     n = x.shape[0]
     scale = _uniform(*scale_range, n, g)[:, None, None, None]
     gray = (_rand(n, g) < gray_prob)[:, None, None, None]
-    noise = _shot_noise(to_8bit(x), g)
+    noise = _shot_noise(to_8bit(x), gd)
     if gray.any():
         # torchvision's rgb_to_grayscale weights.
         luma = to_8bit(0.2989 * x[:, :1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:])
-        noise = torch.where(gray, _shot_noise(luma, g).expand_as(x), noise)
-    return (x + noise * scale).clamp(0, 1), gray.flatten().tolist()
+        noise = torch.where(to_device_async(gray, x.device), _shot_noise(luma, gd).expand_as(x), noise)
+    return (x + noise * to_device_async(scale, x.device)).clamp(0, 1), gray.flatten().tolist()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,9 +249,10 @@ class RealESRGANDegradation:
     (e.g. `RealESRGANDegradation(scale=4, sinc_prob=1.0)`).
 
     `deg(gt, generator)` maps gt [B, 3, H, W] in [0, 1] (H, W multiples of `scale`) to the 8-bit-valued
-    lq [B, 3, H/scale, W/scale] on gt's device; every random draw comes from `generator`, which must
-    live on gt's device, so the same seed gives the same lq. After each call `trace` records the
-    branches taken (kernel types, resize choices, noise kinds, JPEG qualities, final order)."""
+    lq [B, 3, H/scale, W/scale] on gt's device; every random draw comes from `generator`, a CPU generator
+    (the noise from a device generator that it seeds), so the same seed gives the same lq on a device. On a
+    GPU nothing in it waits for the GPU. After each call `trace` records the branches taken (kernel types,
+    resize choices, noise kinds, JPEG qualities, final order)."""
 
     scale: int = 4
     kernel_sizes: tuple = (7, 9, 11, 13, 15, 17, 19, 21)
@@ -303,25 +308,23 @@ class RealESRGANDegradation:
             x = _interpolate(x, mode, size=(int(base_size[0] * factor), int(base_size[1] * factor)))
         return x, (direction, mode, factor)
 
-    def _noise(self, x, g, gaussian_prob, sigma_range, poisson_range, gray_prob):
+    def _noise(self, x, g, gd, gaussian_prob, sigma_range, poisson_range, gray_prob):
         if _coin(gaussian_prob, g):
-            x, gray = _gaussian_noise(x, sigma_range, gray_prob, g)
+            x, gray = _gaussian_noise(x, sigma_range, gray_prob, g, gd)
             return x, ("gaussian", gray)
-        x, gray = _poisson_noise(x, poisson_range, gray_prob, g)
+        x, gray = _poisson_noise(x, poisson_range, gray_prob, g, gd)
         return x, ("poisson", gray)
 
     def _jpeg(self, x, g, quality_range):
         quality = _uniform(*quality_range, x.shape[0], g)
-        return jpeg_roundtrip(x.clamp(0, 1), quality), quality.tolist()
+        return jpeg_roundtrip(x.clamp(0, 1), to_device_async(quality, x.device)), quality.tolist()
 
     @torch.no_grad()
     def __call__(self, gt: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         g, n = generator, gt.shape[0]
-        if g.device.type != gt.device.type:
-            raise ValueError(
-                f"the generator lives on {g.device} but gt on {gt.device}: "
-                "make it with torch.Generator(device=gt.device)"
-            )
+        if g.device.type != "cpu":
+            raise ValueError(f"the generator lives on {g.device}: make it with torch.Generator() (a CPU one)")
+        gd = torch.Generator(gt.device).manual_seed(int(torch.randint(2**62, (), generator=g)))
         h, w = gt.shape[-2:]
         lq_size = (h // self.scale, w // self.scale)
         trace = {}
@@ -352,7 +355,7 @@ class RealESRGANDegradation:
         x = filter2d(gt.float(), kernel1)
         x, trace["resize1"] = self._random_resize(x, g, self.resize_prob, self.resize_range)
         x, trace["noise1"] = self._noise(
-            x, g, self.gaussian_noise_prob, self.noise_range, self.poisson_scale_range, self.gray_noise_prob
+            x, g, gd, self.gaussian_noise_prob, self.noise_range, self.poisson_scale_range, self.gray_noise_prob
         )
         x, trace["jpeg1"] = self._jpeg(x, g, self.jpeg_range)
 
@@ -362,7 +365,7 @@ class RealESRGANDegradation:
             x = filter2d(x, kernel2)
         x, trace["resize2"] = self._random_resize(x, g, self.resize_prob2, self.resize_range2, base_size=lq_size)
         x, trace["noise2"] = self._noise(
-            x, g, self.gaussian_noise_prob2, self.noise_range2, self.poisson_scale_range2, self.gray_noise_prob2
+            x, g, gd, self.gaussian_noise_prob2, self.noise_range2, self.poisson_scale_range2, self.gray_noise_prob2
         )
 
         # final step: [resize to LR size + sinc] and JPEG, in random order (other orders give

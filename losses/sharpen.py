@@ -13,9 +13,10 @@ import torch.nn.functional as F
 def gaussian_kernel1d(size: int, dtype=torch.float32, device=None) -> torch.Tensor:
     """OpenCV's getGaussianKernel(size, sigma=0): sigma derived from the size, weights summing to 1."""
     sigma = 0.3 * ((size - 1) * 0.5 - 1) + 0.8
-    coords = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    # Made on `device`: a copy from the CPU would wait for the GPU's queued work at every training iteration.
+    coords = torch.arange(size, dtype=torch.float64, device=device) - (size - 1) / 2
     kernel = torch.exp(-(coords**2) / (2 * sigma**2))
-    return (kernel / kernel.sum()).to(dtype=dtype, device=device)
+    return (kernel / kernel.sum()).to(dtype=dtype)
 
 
 def _blur(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:

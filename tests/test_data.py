@@ -237,6 +237,18 @@ def test_degradation_seeded_shapes_and_8bit():
     assert not torch.equal(out, deg(gt, torch.Generator().manual_seed(8)))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: checks that the degradation never waits for it")
+def test_degradation_on_a_gpu_never_synchronises():
+    gt = gt_batch(2, 64).cuda()
+    torch.cuda.set_sync_debug_mode("error")  # any host read of a GPU tensor, or a blocking copy, raises
+    try:
+        for seed in range(4):  # both noise kinds and both final orders
+            out = RealESRGANDegradation(scale=4)(gt, torch.Generator().manual_seed(seed))
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out.device == gt.device and out.shape == (2, 3, 16, 16)
+
+
 BRANCHES = [
     ({"sinc_prob": 1.0, "sinc_prob2": 1.0}, lambda t: set(t["kernel1"] + t["kernel2"]) == {"sinc"}),
     *[

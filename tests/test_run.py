@@ -248,8 +248,9 @@ def test_two_stages_with_the_real_smollm2(tmp_path):
 def test_speed_and_memory_switches_train_the_same_run(tmp_path):
     result = lossagent(tiny_config(tmp_path, backend="fixed", stages=1, iters=2), tmp_path,
                        "--set", "train.channels_last=true", "--set", "model.args.use_sdpa=false",
-                       "--set", "train.offload=true", "--set", "train.num_workers=2")
+                       "--set", "train.offload=true", "--set", "train.num_workers=2", "--set", "train.amp=auto")
     assert result.returncode == 0, result.stderr[-2000:]
+    assert "1 rank(s) on cpu, amp off" in result.stdout  # auto: no autocast on a CPU
     assert (tmp_path / "runs" / "tiny" / "ckpt" / "last.pt").exists()
     memory = json.loads((tmp_path / "runs" / "tiny" / "history.json").read_text())["stages"][1]["memory_mib"]
     assert set(memory) == {"train", "feedback"} and all(100 < v < 20000 for v in memory.values())  # peak RSS, MiB
