@@ -7,7 +7,7 @@ what the agent costs per stage next to the training it steers.
     python bench.py --compile      # also torch.compile (opt-in: compiling takes minutes)
     python bench.py --llm /models/llama3-8b-instruct --gguf-file '' --llm-dtype bfloat16   # the paper's LLM
 
-Four parts, one table each, all written to --out (JSON):
+Its parts, each a table but env, all written to --out (JSON):
   training  it/s, images/s and peak memory of SwinIR-M x4 classical (L1+Perceptual+GAN, with the
             discriminator step), SwinIR-M real-world (Real-ESRGAN degradations on the device) and
             PromptIR (L1+Perceptual+LPIPS), measured THROUGH lossagent.run with a one-stage,
@@ -16,6 +16,8 @@ Four parts, one table each, all written to --out (JSON):
   agent     per stage: restoring T = 10 feedback images, scoring them, and the LLM answering the 10
             per-image prompts one by one vs in one batch (and constrained); the LLM's memory between
             stages and at its peak; the share of a stage that this costs at the paper's K.
+  phases    (not in --quick) the peak memory of training, feedback and agent in a two-stage CISR run whose agent
+            is the LLM on the training device, with train.offload off and on.
   data      patches/s of the training loaders, next to the training images/s: is training input-bound?
   env       device, torch version, threads, load average and every setting, kept with the numbers.
 
@@ -98,11 +100,11 @@ VARIANTS = {
 ALL = ["off", "sdpa", "bf16", "channels_last", "all on"]
 MODES = {
     "smoke": dict(iters=4, log_every=2, variants={"cisr": ["off", "all on"], "risr": ["off"], "air": ["off"]},
-                  batches=4, prompts=2, tokens=4, unshared=True),
+                  batches=4, prompts=2, tokens=4, unshared=True, phases=True),
     "quick": dict(iters=10, log_every=2, variants={"cisr": ALL, "risr": ["off", "all on"], "air": ["off", "all on"]},
-                  batches=10, prompts=10, tokens=32, unshared=False),
+                  batches=10, prompts=10, tokens=32, unshared=False, phases=False),
     "full": dict(iters=60, log_every=10, variants={"cisr": ALL, "risr": ALL, "air": ALL}, batches=50, prompts=10,
-                 tokens=lossagent.AgentConfig.max_new_tokens, unshared=True),
+                 tokens=lossagent.AgentConfig.max_new_tokens, unshared=True, phases=True),
 }
 STAGE_K = {"cisr": 5000, "risr": 5000, "air": 2500}  # the paper's iterations per stage
 TRAIN_PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "cat", "camera",
@@ -176,16 +178,21 @@ def load(config, folder):
 # -----------------------------------------------------------------------------
 # Training: one child process per configuration.
 
-def train_one(config, threads):
-    """Runs in a child process: trains the one-stage config and reads its speed back from metrics.jsonl."""
-    import resource
+def child_run(config, threads):
+    """In a child process: the run's folder and validated config, with the trainer's output sent to a log there."""
     torch.set_num_threads(threads)
     run_dir = Path(config["output"]["root"]) / config["output"]["name"]
     run_dir.mkdir(parents=True)
     log = open(run_dir / "output.txt", "w")
     os.dup2(log.fileno(), 1)  # the trainer's lines (and any C-level output) go to the run's log, not the table
     os.dup2(log.fileno(), 2)
-    cfg = load(config, run_dir)
+    return run_dir, load(config, run_dir)
+
+
+def train_one(config, threads):
+    """Runs in a child process: trains the one-stage config and reads its speed back from metrics.jsonl."""
+    import resource
+    run_dir, cfg = child_run(config, threads)
     rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (ru_maxrss is in KiB on Linux)
     if torch.cuda.is_available() and cfg.train.device != "cpu":
         torch.cuda.reset_peak_memory_stats()
@@ -294,6 +301,36 @@ def bench_training(tasks, variants, mode, size_kind, data, root, device, workers
         for r in rows:
             if r["task"] == task and off and "it_per_s" in r:
                 r["speedup_vs_off"] = r["it_per_s"] / off["it_per_s"]
+    return rows
+
+
+def phases_one(config, threads):
+    """Runs in a child process: trains the two-stage config and returns stage 1's peak memory per phase."""
+    run_dir, cfg = child_run(config, threads)
+    lossagent.run(cfg)
+    return json.loads((run_dir / "history.json").read_text())["stages"][1]["memory_mib"]
+
+
+def bench_phases(tasks, mode, data, root, device, workers, threads, llm, gguf_file, llm_dtype):
+    """The peak memory of each phase of a stage (training, feedback, agent) in a two-stage CISR run whose agent is the
+    LLM on the training device, with train.offload off and on: on a GPU, what offloading frees for training."""
+    rows, ctx = [], child_context()
+    for offload in (False, True):
+        config = task_config("cisr", tasks["cisr"], data, "off", mode["iters"], mode["log_every"], workers, device, root)
+        config["train"].update(stages=2, offload=offload)
+        config["feedback"]["count"] = mode["prompts"]
+        config["agent"] = {"backend": "transformers", "model": llm, "gguf_file": gguf_file, "dtype": llm_dtype,
+                           "constrained": True, "do_sample": False}
+        config["output"]["name"] = f"phases_offload_{str(offload).lower()}"
+        print(f"memory per phase, train.offload = {str(offload).lower()} ...", end=" ", flush=True)
+        row = {"task": "cisr", "network": tasks["cisr"]["label"], "offload": offload, "prompts": mode["prompts"]}
+        try:
+            row["memory_mib"] = in_child(ctx, phases_one, config, threads)
+            print("done", flush=True)
+        except RuntimeError as e:
+            row["error"] = str(e).strip().splitlines()[-1]
+            print(f"failed: {row['error']}", flush=True)
+        rows.append(row)
     return rows
 
 
@@ -527,6 +564,15 @@ def table(report):
     for task, f in a.get("fractions", {}).items():
         lines.append(f"| {task}: agent per stage / (K = {f['K']} iterations at {f['it_per_s']:.2f} it/s ({f['variant']}) = "
                      f"{f['train_s']:.0f} s + agent) | {f['agent_s']:.2f} = {100 * f['fraction']:.2f}% |")
+    if report.get("phases"):
+        kind = "CUDA allocated" if env["device_type"] == "cuda" else "RSS"
+        lines += ["", f"Peak memory per phase of a stage (MiB, {kind}; cisr, the LLM on the training device answering "
+                      f"{report['phases'][0]['prompts']} prompts, constrained)",
+                  "| train.offload | training | feedback (restore + experts) | agent (LLM) |", "|---|---|---|---|"]
+        for r in report["phases"]:
+            m = r.get("memory_mib")
+            cells = [str(m.get(k)) for k in ("train", "feedback", "agent")] if m else [f"failed: {r['error']}", "", ""]
+            lines.append(f"| {str(r['offload']).lower()} | " + " | ".join(cells) + " |")
     lines += ["", "Data pipeline (the training loaders alone)",
               "| pipeline | workers | batch x patch | patches/s | training images/s (fastest) | headroom |", "|---|---|---|---|---|---|"]
     for r in report["data"]:
@@ -575,6 +621,9 @@ def main(argv=None):
         report["agent"] = bench_agent(tasks, work / "data", device, mode, args.llm, args.gguf_file,
                                       args.llm_dtype, work / "agent")
         report["agent"]["fractions"] = stage_fractions(report["agent"], report["training"])
+        if mode["phases"]:
+            report["phases"] = bench_phases(tasks, mode, work / "data", work / "runs", device.type, workers, args.threads,
+                                            args.llm, args.gguf_file, args.llm_dtype)
         print("data pipeline ...", flush=True)
         (work / "loaders").mkdir()
         report["data"] = bench_data(tasks, work / "data", device, mode["batches"], workers, work / "loaders")

@@ -49,6 +49,9 @@ def test_smoke_benchmark_prints_the_tables_and_writes_the_json(tmp_path):
                     "resident_mib", "batched_peak_mib"):
             assert positive(llm[key]), key
         assert llm["shared_tokens"] > 100  # the system part, read once per batch
+        assert [r["offload"] for r in report["phases"]] == [False, True]
+        assert all(set(r["memory_mib"]) == {"train", "feedback", "agent"} and all(positive(v) for v in r["memory_mib"].values())
+                   for r in report["phases"]), report["phases"]
         assert llm["prompts"] == 2 and llm["constrained_parsed"] == 2  # constrained decoding always parses
         fraction = agent["fractions"]["cisr"]
         assert fraction["K"] == 5000 and 0 < fraction["fraction"] < 1
@@ -66,3 +69,4 @@ def test_smoke_benchmark_prints_the_tables_and_writes_the_json(tmp_path):
     assert "| pipeline | workers |" in text and f"wrote {out}" in text
     if HAS_SMOLLM2:
         assert "| LLM batched, the shared " in text and "cisr: agent per stage / (K = 5000" in text
+        assert "| train.offload | training | feedback (restore + experts) | agent (LLM) |" in text
