@@ -406,9 +406,11 @@ def make_train_loader(cfg, rank, world):
                              patch=d.patch_size, sigmas=tuple(d.sigmas), augment=d.augment)
     per_rank = cfg.train.batch_size // world
     sampler = StageSampler(len(dataset), cfg.train.iters_per_stage * per_rank)
+    # Its own generator: the loader draws its workers' base seed from it at every new iteration, which must not
+    # consume the training RNG (drop path). The patches themselves are seeded item by item (SeededItems).
     return torch.utils.data.DataLoader(SeededItems(dataset), batch_size=per_rank, sampler=sampler, drop_last=True,
                                        num_workers=cfg.train.num_workers, pin_memory=torch.cuda.is_available(),
-                                       persistent_workers=cfg.train.num_workers > 0)
+                                       persistent_workers=cfg.train.num_workers > 0, generator=torch.Generator())
 
 
 def missing_paths(cfg):

@@ -89,12 +89,15 @@ def test_run_with_openai_server_writes_the_run_directory(tmp_path, server):
     assert "stage 1 done" in result.stdout and "| stage | iteration | weights |" in result.stdout
 
 
-def test_resume_after_kill_gives_the_same_history(tmp_path, server):
+@pytest.mark.parametrize("workers", [0, 2])  # 2: the loader's worker processes persist across stages
+def test_resume_after_kill_gives_the_same_history(tmp_path, server, workers):
     config = tiny_config(tmp_path, stages=3, iters=12, log_every=1, url=server.url)
-    assert lossagent(config, tmp_path, "--set", "output.name=whole").returncode == 0
+    # Two blocks, so drop path is on (its masks come from the training RNG, which the loader must not disturb).
+    settings = ["--set", f"train.num_workers={workers}", "--set", "model.args.depths=[2]"]
+    assert lossagent(config, tmp_path, "--set", "output.name=whole", *settings).returncode == 0
 
     cmd = [sys.executable, str(ROOT / "lossagent.py"), "--config", str(config),
-           "--set", f"output.root={tmp_path / 'runs'}", "--set", "output.name=killed"]
+           "--set", f"output.root={tmp_path / 'runs'}", "--set", "output.name=killed", *settings]
     run = tmp_path / "runs" / "killed"
     process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 600
