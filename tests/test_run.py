@@ -258,3 +258,15 @@ def test_speed_and_memory_switches_train_the_same_run(tmp_path):
     memory = json.loads((tmp_path / "runs" / "tiny" / "history.json").read_text())["stages"][1]["memory_mib"]
     assert set(memory) == {"train", "feedback"} and all(100 < v < 20000 for v in memory.values())  # peak RSS, MiB
     assert f"peak MiB train {memory['train']}, feedback {memory['feedback']}" in result.stdout
+
+
+def test_ema_is_the_decayed_average_of_the_network(tmp_path):
+    result = lossagent(tiny_config(tmp_path, backend="fixed", stages=2, iters=1), tmp_path, "--set", "train.ema_decay=0.75")
+    assert result.returncode == 0, result.stderr[-2000:]
+    ckpt = tmp_path / "runs" / "tiny" / "ckpt"
+    first, second = (torch.load(ckpt / f"stage_{s}.pt", weights_only=True) for s in (1, 2))
+    assert second["params_ema"].keys() == second["params"].keys()
+    for k, ema in first["params_ema"].items():  # one step apart: ema + (1 - decay) (params - ema)
+        expected = ema + 0.25 * (second["params"][k] - ema) if ema.is_floating_point() else second["params"][k]
+        assert torch.allclose(second["params_ema"][k], expected, atol=1e-7), k
+    assert any(not torch.equal(second["params_ema"][k], second["params"][k]) for k in second["params"])
