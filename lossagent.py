@@ -96,7 +96,7 @@ class TrainConfig:
     seed: int = 0  # network init, data order, fallback perturbations
     device: str = "auto"  # auto | cpu | cuda (cuda = the GPU of LOCAL_RANK)
     amp: str = "off"  # off | bf16 | fp16 (with a grad scaler) | auto (bf16 on GPUs that have it, fp16 on older GPUs, off on CPU)
-    channels_last: bool = False  # NHWC memory layout for the convolutions of the network and the discriminator
+    channels_last: bool = False  # NHWC memory layout for the convolutions of the network and the loss networks (D, VGG, AlexNet)
     compile: bool = False  # torch.compile the network (opt-in: the first iterations pay for the compilation)
     offload: bool = False  # rank 0: the experts' networks and the LLM wait on the CPU while the network trains
     static_graph: bool = True  # DDP: every iteration uses the same parameters, so DDP maps the graph once (false for a dynamic network)
@@ -1434,7 +1434,7 @@ def run(cfg):
 
     if cfg.train.channels_last:
         # Only the convolutions: PromptIR's prompts are 5-D parameters, which have no channels_last layout.
-        for module in [*net.modules(), *(gan.net_d.modules() if gan is not None else [])]:
+        for module in [*net.modules(), *repo.modules()]:
             if isinstance(module, torch.nn.Conv2d):
                 module.to(memory_format=torch.channels_last)
     raw_net = net
@@ -1444,10 +1444,12 @@ def run(cfg):
         from models.promptir import HAS_UNUSED_PARAMETERS
         # A static graph lets DDP learn once which parameters get gradients (PromptIR has layers that never do) and
         # skip its per-iteration search; without it, PromptIR needs that search to avoid waiting for them forever.
+        # Gradients as views of DDP's all-reduce buckets: no second copy of them in memory, no copy back per step.
         net = DDP(net, device_ids=[device.index] if use_cuda else None, static_graph=cfg.train.static_graph,
-                  find_unused_parameters=not cfg.train.static_graph and cfg.model.arch == "PromptIR" and HAS_UNUSED_PARAMETERS)
-    net_d = (DDP(gan.net_d, device_ids=[device.index] if use_cuda else None, static_graph=cfg.train.static_graph)
-             if gan is not None and ddp else None)
+                  find_unused_parameters=not cfg.train.static_graph and cfg.model.arch == "PromptIR" and HAS_UNUSED_PARAMETERS,
+                  gradient_as_bucket_view=True)
+    net_d = (DDP(gan.net_d, device_ids=[device.index] if use_cuda else None, static_graph=cfg.train.static_graph,
+                 gradient_as_bucket_view=True) if gan is not None and ddp else None)
 
     amp = cfg.train.amp
     if amp == "auto":
