@@ -14,7 +14,7 @@ Its parts, each a table but env, all written to --out (JSON):
             fixed-weight config, for each speed option alone, all off and all on. Each run is a child
             process, so that its peak memory is its own.
   agent     per stage: restoring T = 10 feedback images, scoring them, and the LLM answering the 10
-            per-image prompts one by one vs in one batch (and constrained); the LLM's memory between
+            per-image prompts one by one vs in one batch (and constrained, not in --quick); the LLM's memory between
             stages and at its peak; the share of a stage that this costs at the paper's K.
   phases    (not in --quick) the peak memory of training, feedback and agent in a two-stage CISR run whose agent
             is the LLM on the training device, with train.offload off and on.
@@ -100,11 +100,11 @@ VARIANTS = {
 ALL = ["off", "sdpa", "bf16", "channels_last", "all on"]
 MODES = {
     "smoke": dict(iters=4, log_every=2, variants={"cisr": ["off", "all on"], "risr": ["off"], "air": ["off"]},
-                  batches=4, prompts=2, tokens=4, unshared=True, phases=True),
+                  batches=4, prompts=2, tokens=4, unshared=True, constrained=True, phases=True),
     "quick": dict(iters=10, log_every=2, variants={"cisr": ALL, "risr": ["off", "all on"], "air": ["off", "all on"]},
-                  batches=10, prompts=10, tokens=32, unshared=False, phases=False),
+                  batches=10, prompts=10, tokens=32, unshared=False, constrained=False, phases=False),
     "full": dict(iters=60, log_every=10, variants={"cisr": ALL, "risr": ALL, "air": ALL}, batches=50, prompts=10,
-                 tokens=lossagent.AgentConfig.max_new_tokens, unshared=True, phases=True),
+                 tokens=lossagent.AgentConfig.max_new_tokens, unshared=True, constrained=True, phases=True),
 }
 STAGE_K = {"cisr": 5000, "risr": 5000, "air": 2500}  # the paper's iterations per stage
 TRAIN_PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "cat", "camera",
@@ -398,8 +398,8 @@ def bench_agent(tasks, data, device, mode, llm, gguf_file, llm_dtype, work):
 
 def bench_llm(tasks, data, experts, restored, feedback, device, mode, llm, gguf_file, llm_dtype, work):
     """The per-image prompts of stage 5 (a history of stages 0-4; T = 10 of them, 2 in --smoke), answered one by
-    one, in one batch (the shared start read once; also read whole per prompt, except in --quick), and in one
-    constrained batch. Greedy decoding: the ways then generate the same replies, so their times compare. --quick
+    one, in one batch (the shared start read once; also read whole per prompt, except in --quick), and (except in
+    --quick) in one constrained batch. Greedy decoding: the ways then generate the same replies, so their times compare. --quick
     generates 32 new tokens to stay within its time; the full run generates the agent's default reply length (96)."""
     prompts, tokens = mode["prompts"], mode["tokens"]
     cfg = load(task_config("cisr", tasks["cisr"], data, root=work), work)
@@ -446,9 +446,10 @@ def bench_llm(tasks, data, experts, restored, feedback, device, mode, llm, gguf_
         agent.cfg = replace(agent.cfg, share_prefix=False)
         _, out["batched_unshared_s"] = timed(lambda: agent.generate(conversations, 0), device)
         agent.cfg = replace(agent.cfg, share_prefix=True)
-    agent.cfg = replace(agent.cfg, constrained=True)
-    replies, out["constrained_batched_s"] = timed(lambda: agent.generate(conversations, 0), device)
-    out["constrained_parsed"] = parsed(replies)
+    if mode["constrained"]:
+        agent.cfg = replace(agent.cfg, constrained=True)
+        replies, out["constrained_batched_s"] = timed(lambda: agent.generate(conversations, 0), device)
+        out["constrained_parsed"] = parsed(replies)
     out["batched_speedup"] = out["sequential_s"] / out["batched_s"]
     return out
 
@@ -557,7 +558,8 @@ def table(report):
                   f"{llm['batched_speedup']:.2f}x faster) | {llm['batched_s']:.2f} |",
                   *([f"| LLM batched, every prompt read whole (agent.share_prefix = false) | {llm['batched_unshared_s']:.2f} |"]
                     if "batched_unshared_s" in llm else []),
-                  f"| LLM batched, constrained ({llm['constrained_parsed']} parsed) | {llm['constrained_batched_s']:.2f} |",
+                  *([f"| LLM batched, constrained ({llm['constrained_parsed']} parsed) | {llm['constrained_batched_s']:.2f} |"]
+                    if "constrained_batched_s" in llm else []),
                   f"| LLM memory (MiB, {'CUDA allocated' if report['env']['device_type'] == 'cuda' else 'RSS'}): held between "
                   f"stages (train.offload moves it off the GPU) / peak while answering the batch | "
                   f"{llm['resident_mib']:.0f} / {llm['batched_peak_mib'] or 0:.0f} |"]
