@@ -428,7 +428,7 @@ def bench_llm(tasks, data, experts, restored, feedback, device, mode, llm, gguf_
     texts = [agent.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
     rows = agent.tokenizer(texts, add_special_tokens=False)["input_ids"]
     out["prompt_tokens"] = [len(ids) for ids in rows]
-    out["shared_tokens"] = next((i for i in range(min(map(len, rows))) if len({r[i] for r in rows}) > 1), 0)
+    out["shared_tokens"] = lossagent.shared_start(rows)
     agent.cfg = replace(agent.cfg, max_new_tokens=1)
     agent.generate(conversations[:1], 0)  # warm-up: the first call pays for allocations
     agent.cfg = replace(agent.cfg, max_new_tokens=tokens)

@@ -862,6 +862,14 @@ class WeightsLineProcessor:
         return scores + mask
 
 
+def shared_start(rows):
+    """How many leading tokens all token-id rows share, leaving every row at least one token of its own."""
+    shared = 0
+    while len(rows) > 1 and shared < min(map(len, rows)) - 1 and len({r[shared] for r in rows}) == 1:
+        shared += 1
+    return shared
+
+
 class TransformersAgent:
     """A local Hugging Face model (directory, cached hub id, or GGUF file); all prompts of a stage in one batch."""
 
@@ -887,10 +895,7 @@ class TransformersAgent:
         texts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) + prefix
                  for c in conversations]
         rows = self.tokenizer(texts, add_special_tokens=False)["input_ids"]
-        shared = 0  # leading tokens common to every prompt; at least one token of each prompt stays unshared
-        if self.cfg.share_prefix and len(rows) > 1:
-            while shared < min(map(len, rows)) - 1 and len({r[shared] for r in rows}) == 1:
-                shared += 1
+        shared = shared_start(rows) if self.cfg.share_prefix else 0
         # Left padding, with the shared start kept in front: [shared | pads | rest]. The attention mask hides the
         # pads, and the positions count unmasked tokens only, so every row reads as if it were alone.
         pad, width = self.tokenizer.pad_token_id, max(map(len, rows))
