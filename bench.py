@@ -48,6 +48,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import lossagent  # noqa: E402
+from tools.llm import TransformersLLM, shared_start  # noqa: E402
+from tools.configurator import to_toml  # noqa: E402
 
 # Network, batch and patch per task. "paper" is the paper's per-GPU setting; "small" keeps the same
 # losses and pipeline but shrinks the networks and patches so a 2-core CPU finishes in minutes.
@@ -171,7 +173,7 @@ def task_config(task, size, data, variant="off", iters=6, log_every=2, workers=0
 def load(config, folder):
     """The config dict through lossagent's own TOML loader, so it is validated like a user's file."""
     path = Path(folder) / "config.toml"
-    path.write_text(lossagent.to_toml(config) + "\n")
+    path.write_text(to_toml(config) + "\n")
     return lossagent.load_config(path)
 
 
@@ -419,7 +421,7 @@ def bench_llm(tasks, data, experts, restored, feedback, device, mode, llm, gguf_
            "max_new_tokens": tokens, "greedy": True}
     before = memory_now(device)
     try:
-        agent, out["load_s"] = timed(lambda: lossagent.TransformersAgent(cfg.agent, device, names, cfg.losses.max_weight),
+        agent, out["load_s"] = timed(lambda: TransformersLLM(cfg.agent, device, names, cfg.losses.min_weight, cfg.losses.max_weight),
                                      device)
     except (FileNotFoundError, ImportError, OSError, ValueError) as e:
         out["skipped"] = str(e).splitlines()[0]
@@ -428,7 +430,7 @@ def bench_llm(tasks, data, experts, restored, feedback, device, mode, llm, gguf_
     texts = [agent.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations]
     rows = agent.tokenizer(texts, add_special_tokens=False)["input_ids"]
     out["prompt_tokens"] = [len(ids) for ids in rows]
-    out["shared_tokens"] = lossagent.shared_start(rows)
+    out["shared_tokens"] = shared_start(rows)
     agent.cfg = replace(agent.cfg, max_new_tokens=1)
     agent.generate(conversations[:1], 0)  # warm-up: the first call pays for allocations
     agent.cfg = replace(agent.cfg, max_new_tokens=tokens)
@@ -477,26 +479,19 @@ def stage_fractions(agent, training):
 # Data pipeline: the training loaders alone.
 
 def bench_data(tasks, data, device, batches, workers, work):
-    from data.risr import RealESRGANDegradation
+    """The training pairs alone (lossagent.TrainingPairs: the loader, and for RISR the degradation on the device)."""
     rows = []
     for task, size in tasks.items():
         cfg = load(task_config(task, size, data, iters=batches, workers=workers, root=work), work)
-        loader = lossagent.make_train_loader(cfg, 0, 1)
-        loader.sampler.reseed(lossagent.stage_seed(cfg.train.seed, 1, 0))
-        degrade = RealESRGANDegradation(scale=4) if task == "risr" else None
-        generator = torch.Generator().manual_seed(0)  # the degradation's choices are drawn on the CPU
         count, start = 0, None
-        for batch in loader:
-            gt = batch["gt"].to(device)
-            if degrade is not None:
-                degrade(gt, generator)  # the trainer degrades on the training device
+        for _, gt, _ in lossagent.TrainingPairs(cfg, 0, 1, device).stage(1):
             if device.type == "cuda":
                 torch.cuda.synchronize()
             if start is None:
                 start = time.perf_counter()  # the first batch pays for starting the workers: not counted
             else:
                 count += gt.shape[0]
-        rows.append({"pipeline": task + (" + Real-ESRGAN degradation on " + device.type if degrade else ""),
+        rows.append({"pipeline": task + (" + Real-ESRGAN degradation on " + device.type if task == "risr" else ""),
                      "task": task, "num_workers": workers, "batch": size["batch"], "patch": size["patch"],
                      "patches_per_s": count / (time.perf_counter() - start)})
     return rows

@@ -273,45 +273,99 @@ def pyiqa_weights(metric: str, download: bool = True):
         download_util.DEFAULT_CACHE_DIR, download_util.download_url_to_file = saved
 
 
-@torch.no_grad()
+# The metrics this module computes itself, by the benchmark protocol; every other name is a pyiqa metric.
+OURS = {"psnr": psnr, "ssim": ssim}
+
+
+def is_full_reference(name: str) -> bool:
+    """Does metric `name` need the ground truth?"""
+    if name in OURS:
+        return True
+    from pyiqa.default_model_configs import DEFAULT_CONFIGS
+
+    return DEFAULT_CONFIGS.get(name, {}).get("metric_mode") == "FR"
+
+
+class Metric:
+    """One metric, ready to score images [1, 3, H, W] in [0, 1] one at a time: `metric(img, gt)` -> float.
+
+    Ours (`protocol` set, name in OURS) or a pyiqa metric created once; `full_reference`, `lower_better` and
+    `score_range` (low, high or None) describe it, `to(device)` moves a pyiqa metric's network."""
+
+    def __init__(self, name: str, device, protocol: dict | None = None, download: bool = True, options=None):
+        self.name, self.iqa = name, None
+        if protocol is not None and name in OURS:
+            fn = OURS[name]
+            self.fn = lambda img, gt: fn(img, gt, **protocol)
+            self.full_reference, self.lower_better, self.score_range = True, False, None
+            return
+        import pyiqa
+        from pyiqa.default_model_configs import DEFAULT_CONFIGS
+
+        if name not in DEFAULT_CONFIGS:
+            raise ValueError(f"unknown metric '{name}'; see pyiqa.list_models()")
+        # Weights may load at creation or on first use: the first call happens inside the context too.
+        self.download = download
+        with pyiqa_weights(name, download=download):
+            self.iqa = pyiqa.create_metric(name, device=device, **(options or {}))
+        self.full_reference = self.iqa.metric_mode == "FR"
+        self.lower_better = self.iqa.lower_better
+        self.score_range = _parse_range(DEFAULT_CONFIGS[name].get("score_range"))
+
+    def to(self, device):
+        if self.iqa is not None:
+            self.iqa.to(device)
+            self.iqa.device = device  # pyiqa's own note of its device, where it sends the inputs
+        return self
+
+    @torch.no_grad()
+    def __call__(self, img: torch.Tensor, gt: torch.Tensor | None = None) -> float:
+        if self.full_reference and gt is None:
+            raise ValueError(f"metric {self.name} is full-reference and needs the ground truth")
+        if self.iqa is None:
+            return self.fn(img, gt)
+        device = self.iqa.device
+        with pyiqa_weights(self.name, download=self.download):
+            value = self.iqa(img.to(device), gt.to(device)) if self.full_reference else self.iqa(img.to(device))
+        return float(value.mean())
+
+
+def _parse_range(text):
+    """pyiqa writes score ranges as '~0, ~100' (the tilde: approximate)."""
+    try:
+        low, high = (float(x.strip().lstrip("~")) for x in text.split(","))
+        return low, high
+    except (AttributeError, ValueError):
+        return None
+
+
+def score(metric: Metric, images: list[torch.Tensor], gts: list | None = None) -> list[float]:
+    """The one scoring loop: `metric` on each image [1, 3, H, W] (sizes differ, so one at a time) and its ground
+    truth (a list in the same order, or None)."""
+    return [metric(img.float().clamp(0, 1), None if gts is None else gts[k].float()) for k, img in enumerate(images)]
+
+
 def score_images(
     images: list[tuple[str, torch.Tensor]],
     metrics: list[str],
     device,
     gts=None,
-    crop_border: int = 0,
-    y_channel: bool = False,
+    protocol: dict | None = None,
 ) -> dict:
-    """Score restored images [1, 3, H, W] in [0, 1].
+    """Score restored images [1, 3, H, W] in [0, 1] by each metric of `metrics` (benchmark evaluation).
 
-    `gts`: reference images, a dict name -> tensor or a list in the order of `images` (needed by
-    psnr, ssim and pyiqa's full-reference metrics such as lpips). "psnr"/"ssim" use this module's
-    BasicSR-compatible functions with `crop_border`/`y_channel`; any other name is
-    pyiqa.create_metric(name, device=device) with pyiqa's defaults, created once per call, on the full
-    RGB image. Returns {"metrics": {metric: {"mean": float, "per_image": {name: float}}}}."""
-    if isinstance(gts, (list, tuple)):
-        gts = {name: gt for (name, _), gt in zip(images, gts, strict=True)}
+    `gts`: reference images, a dict name -> tensor or a list in the order of `images` (needed by psnr, ssim and
+    pyiqa's full-reference metrics such as lpips). "psnr"/"ssim" use this module's functions with the set's
+    `protocol` (crop_border, y_channel; default none of either); any other name is pyiqa's metric with its
+    defaults, on the full RGB image. Returns {"metrics": {metric: {"mean": float, "per_image": {name: float}}}}."""
+    if isinstance(gts, dict):
+        gts = [gts[name] for name, _ in images]
     results = {}
-    for metric in metrics:
-        if metric in ("psnr", "ssim"):
-            fn = psnr if metric == "psnr" else ssim
-            if gts is None:
-                raise ValueError(f"metric {metric} needs ground truth images (gts)")
-            scores = {name: fn(img, gts[name], crop_border=crop_border, y_channel=y_channel) for name, img in images}
-        else:
-            import pyiqa
-
-            # Weights may load at creation or on first use, so both happen inside the context.
-            with pyiqa_weights(metric):
-                iqa = pyiqa.create_metric(metric, device=device)
-                full_reference = iqa.metric_mode == "FR"
-                if full_reference and gts is None:
-                    raise ValueError(f"pyiqa metric {metric} is full-reference and needs ground truth images (gts)")
-                scores = {}
-                for name, img in images:
-                    img = img.to(device).float().clamp(0, 1)
-                    value = iqa(img, gts[name].to(device).float()) if full_reference else iqa(img)
-                    scores[name] = float(value.mean())
-        mean = sum(scores.values()) / max(len(scores), 1)
-        results[metric] = {"mean": mean, "per_image": scores}
+    for name in metrics:
+        metric = Metric(name, device, protocol=protocol or {})
+        if metric.full_reference and gts is None:
+            raise ValueError(f"metric {name} needs ground truth images (gts)")
+        values = score(metric, [img for _, img in images], gts)
+        results[name] = {"mean": sum(values) / max(len(values), 1),
+                         "per_image": {n: v for (n, _), v in zip(images, values)}}
     return {"metrics": results}

@@ -4,6 +4,11 @@ LOSSES maps the display name used in prompts and configs to a loss class. Every 
 nn.Module with forward(restored, gt) -> scalar, both images [B, 3, H, W] in [0, 1].
 Adding a loss = one class + one entry here. Its constructor's keyword arguments are its options,
 and a classmethod `weight_files(**options)` may list the files it loads (see required_files).
+Two optional attributes tell the trainer how to use a loss, so that it never needs the loss's name:
+`sharpened_target = False` (default True) keeps the plain ground truth for it when losses.sharpen_gt is on,
+and a method `discriminator_step(restored, gt, net_d=None)` trains a network of its own after every generator
+step (GAN), with `net_d` the module to train (its DDP wrapper) and `update_when_zero` whether it trains while
+the loss's weight is 0.
 """
 
 import inspect

@@ -18,6 +18,9 @@ DISCRIMINATORS = ("unet", "vgg")
 class GANLoss(nn.Module):
     """Generator adversarial term; the discriminator is trained by `discriminator_step`.
 
+    With losses.sharpen_gt the other terms compare with the sharpened ground truth; this one does not
+    (`sharpened_target = False`): its discriminator must learn what real photographs look like (Real-ESRGAN).
+
     Options:
         gan_type: 'vanilla' (BCE on logits; SwinIR-GAN, Real-ESRGAN), 'lsgan' (least squares),
             'hinge', or 'ragan' (relativistic average GAN of ESRGAN, BCE on logit differences).
@@ -29,6 +32,8 @@ class GANLoss(nn.Module):
         update_when_zero: read by the trainer: keep training the discriminator in stages where the
             GAN weight is 0, so it is not stale when the weight comes back.
     """
+
+    sharpened_target = False
 
     def __init__(
         self,

@@ -11,7 +11,7 @@ import warnings
 import torch
 from torch import nn
 
-from losses.weights import load_state_dict_file, require_weight_file, weight_file
+from losses.weight_files import load_state_dict_file, require_weight_file, weight_file
 
 BACKBONE_FILES = {
     "alex": ("alexnet-owt-7be5be79.pth", "https://download.pytorch.org/models/alexnet-owt-7be5be79.pth"),

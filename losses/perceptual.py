@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from losses.weights import load_state_dict_file, require_weight_file, weight_file
+from losses.weight_files import load_state_dict_file, require_weight_file, weight_file
 
 VGG19_FILE = "vgg19-dcbb9e9d.pth"
 VGG19_URL = "https://download.pytorch.org/models/vgg19-dcbb9e9d.pth"

@@ -3,7 +3,7 @@
     from models.swinir import SwinIR, PRESETS              # SwinIR(**PRESETS["classical_x4_M"])
     from models.promptir import PromptIR                   # PromptIR() is the paper model
     from models.discriminators import UNetDiscriminatorSN, VGGStyleDiscriminator
-    from models import load_pretrained
+    from models import build_network, load_pretrained       # build_network("SwinIR", {...}) from a config
 """
 import os
 import pickle
@@ -76,12 +76,22 @@ def _select_state_dict(checkpoint, key, path):
     return _strip_prefix(state_dict, "module.")  # saved from a DistributedDataParallel wrapper
 
 
+def build_network(arch, args):
+    """The network `arch` (SwinIR or PromptIR) built with the constructor arguments `args` (official names)."""
+    if arch == "SwinIR":
+        from models.swinir import SwinIR
+        return SwinIR(**args)
+    from models.promptir import PromptIR
+    return PromptIR(**args)
+
+
 def load_pretrained(model, path, key=None, trusted=False):
     """Load weights from `path` into `model` (strict: every key must match) and return the model.
 
     Accepted files: a raw state dict; {'params': sd} and/or {'params_ema': sd} (BasicSR/KAIR, SwinIR
     releases; `key` picks one, default 'params_ema' when present, else 'params'); a Lightning checkpoint
-    {'state_dict': {'net.<name>': ...}} (PromptIR release); a LossAgent checkpoint {'net': sd, ...}.
+    {'state_dict': {'net.<name>': ...}} (PromptIR release); a LossAgent checkpoint (ckpt/*.pt: 'params', and
+    'params_ema' when the run keeps an EMA, under BasicSR's names).
     Files are read with torch.load(weights_only=True); a file that needs full unpickling (some Lightning
     checkpoints) is only read with trusted=True.
     """

@@ -14,11 +14,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 # Parameters the official model defines but never uses in forward(): they never receive a gradient,
-# the official training ran DDP with find_unused_parameters=True because of them. They are kept so the
+# the official training ran DDP with find_unused_parameters=True because of them (our trainer uses DDP's static
+# graph instead, or that search when train.static_graph is off). They are kept so the
 # official checkpoint loads strictly. Name prefixes, as in model.named_parameters():
 UNUSED_PARAMETERS = ("chnl_reduce1.", "chnl_reduce2.", "chnl_reduce3.",
                      "reduce_noise_channel_1.", "reduce_noise_channel_2.", "reduce_noise_channel_3.")
-HAS_UNUSED_PARAMETERS = True  # for DDP: find_unused_parameters=True, or freeze the prefixes above
 
 
 class WithBiasLayerNorm(nn.Module):

@@ -17,8 +17,13 @@ import importlib.util
 import json
 import re
 import statistics
-import tomllib
+import sys
 from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
 
 # Benchmark columns per task, as the labels `lossagent.py eval` writes into eval.json.
 SETS = {

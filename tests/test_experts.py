@@ -60,7 +60,7 @@ def test_a_failing_program_falls_back_and_the_run_finishes(tmp_path, server, mod
     history = json.loads((tmp_path / "runs" / "experts" / "history.json").read_text())
     stage1 = history["stages"][1]
     assert message in stage1["expert_errors"]["Brightness"] and "PSNR" in stage1["scores"]
-    assert stage1["fallback"] == "keep" and stage1["parse_total"] == 0 and "experts failed" in stage1["error"]
+    assert stage1["fallback"] == "keep" and stage1.get("parse_total", 0) == 0 and "experts failed" in stage1["error"]
     assert not (tmp_path / "runs" / "experts" / "agent.jsonl").exists()  # the LLM was not asked
     assert [s["stage"] for s in history["stages"]] == [0, 1, 2]
 
@@ -126,11 +126,13 @@ def test_offload_moves_expert_networks_and_the_llm():
     'meta' device stands in for the other side, since this machine has no GPU to move off (the run's way back to
     the training device is test_run.py's test_speed_and_memory_switches_train_the_same_run, on the CPU)."""
     import torch
-    sys.path.insert(0, str(ROOT))
-    import lossagent
+
+    from test_run import lossagent_module as lossagent
+    from tools import llm
     experts = lossagent.make_experts([lossagent.ExpertConfig(metric="psnr")], torch.device("cpu"), download=False)
-    agent = object.__new__(lossagent.TransformersAgent)
-    agent.model, agent.device = torch.nn.Linear(2, 2), torch.device("cpu")
-    lossagent.move_judges(experts, agent, torch.device("meta"))
-    assert experts[0].metric.dummy_param.device.type == experts[0].metric.device.type == "meta"
-    assert agent.model.weight.device.type == agent.device.type == "meta"
+    llm = object.__new__(llm.TransformersLLM)
+    llm.model, llm.device = torch.nn.Linear(2, 2), torch.device("cpu")
+    agent = lossagent.LLMAgent(lossagent.Config(), experts, llm, [])
+    lossagent.move_experts_and_llm(experts, agent, torch.device("meta"))
+    assert experts[0].metric.iqa.dummy_param.device.type == experts[0].metric.iqa.device.type == "meta"
+    assert llm.model.weight.device.type == llm.device.type == "meta"

@@ -7,7 +7,7 @@ import torch
 
 from models import load_pretrained
 from models.discriminators import UNetDiscriminatorSN, VGGStyleDiscriminator
-from models.promptir import HAS_UNUSED_PARAMETERS, UNUSED_PARAMETERS, PromptIR
+from models.promptir import UNUSED_PARAMETERS, PromptIR
 from models.swinir import PRESETS, PermuteTokens, SwinIR, relative_position_index, shift_mask, window_order
 
 SMALL_PROMPTIR = dict(dim=8, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1, heads=[1, 1, 1, 1])
@@ -152,7 +152,7 @@ def test_load_pretrained_reads_every_checkpoint_layout(tmp_path, layout):
         "params": {"params": weights},
         "params_ema": {"params": other, "params_ema": weights},  # EMA wins by default
         "lightning": {"state_dict": {"net." + k: v for k, v in weights.items()}, "epoch": 3, "global_step": 10},
-        "lossagent": {"net": weights, "stage": 2, "loss_weights": {"l1": 1.0}},
+        "lossagent": {"params": weights, "stage": 2, "weights": [1.0], "optimizer": {"state": {}}},
     }[layout]
     torch.save(checkpoint, tmp_path / "ckpt.pth")
     _assert_same_weights(load_pretrained(small_swinir(), tmp_path / "ckpt.pth"), weights)
@@ -348,7 +348,7 @@ def test_promptir_gradients_reach_all_but_the_documented_unused_parameters():
     torch.manual_seed(0)
     grads = _grads(PromptIR(**SMALL_PROMPTIR).train(), torch.rand(2, 3, 24, 24))
     unused = {n for n in grads if n.startswith(UNUSED_PARAMETERS)}
-    assert HAS_UNUSED_PARAMETERS and len(unused) == len(UNUSED_PARAMETERS)  # bias=False: one weight each
+    assert len(unused) == len(UNUSED_PARAMETERS)  # bias=False: one weight each
     assert all(grads[n] is None for n in unused)
     dead = [n for n, g in grads.items() if n not in unused and (g is None or not g.abs().sum() > 0)]
     assert dead == []
