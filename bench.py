@@ -69,7 +69,8 @@ def sizes(kind):
             "cisr": dict(arch="SwinIR", label="SwinIR-M", args=PRESETS["classical_x4_M"], batch=4, patch=64,
                          losses=dict(sr_losses, weights=[1.0, 0.1, 0.01]), feedback_side=512),
             "risr": dict(arch="SwinIR", label="SwinIR-M", args=PRESETS["realworld_x4_M"], batch=4, patch=256,
-                         losses=dict(sr_losses, weights=[1.0, 1.0, 0.1]), feedback_side=256),
+                         degrade_size=400, pool_size=180, losses=dict(sr_losses, weights=[1.0, 1.0, 0.1]),
+                         feedback_side=256),
             "air": dict(arch="PromptIR", label="PromptIR", args=PROMPTIR_PAPER, batch=2, patch=128,
                         losses=air_losses, feedback_side=512),
         }
@@ -78,7 +79,8 @@ def sizes(kind):
         "cisr": dict(arch="SwinIR", label="SwinIR small", args=SWINIR_SMALL, batch=2, patch=16,
                      losses=dict(sr_losses, weights=[1.0, 0.1, 0.01], options=small_gan), feedback_side=64),
         "risr": dict(arch="SwinIR", label="SwinIR small", args=dict(SWINIR_SMALL, upsampler="nearest+conv"), batch=2,
-                     patch=64, losses=dict(sr_losses, weights=[1.0, 1.0, 0.1], options=small_gan), feedback_side=32),
+                     patch=64, degrade_size=100, pool_size=4,
+                     losses=dict(sr_losses, weights=[1.0, 1.0, 0.1], options=small_gan), feedback_side=32),
         "air": dict(arch="PromptIR", label="PromptIR small", batch=2, patch=64, losses=air_losses, feedback_side=64,
                     args=dict(PROMPTIR_PAPER, dim=16, num_blocks=[1, 1, 1, 1], num_refinement_blocks=1)),
     }
@@ -149,7 +151,8 @@ def task_config(task, size, data, variant="off", iters=6, log_every=2, workers=0
     v = VARIANTS[variant]
     args = dict(size["args"], use_sdpa=v["sdpa"]) if size["arch"] == "SwinIR" else dict(size["args"])
     data = Path(data)
-    train = {"train": [str(data / "train")], "patch_size": size["patch"]}
+    train = {"train": [str(data / "train")], "patch_size": size["patch"],
+             **{k: size[k] for k in ("degrade_size", "pool_size") if k in size}}
     if task == "air":
         train.update(derain=str(data / "derain"), dehaze=str(data / "dehaze"))
     return {
@@ -479,21 +482,28 @@ def stage_fractions(agent, training):
 # Data pipeline: the training loaders alone.
 
 def bench_data(tasks, data, device, batches, workers, work):
-    """The training pairs alone (lossagent.TrainingPairs: the loader, and for RISR the degradation on the device)."""
+    """The training pairs alone (lossagent.TrainingPairs: the loader, and for RISR the degradation on the device),
+    RISR both as Real-ESRGAN makes them (a larger crop degraded, the pair pool) and with the patch itself degraded."""
     rows = []
     for task, size in tasks.items():
-        cfg = load(task_config(task, size, data, iters=batches, workers=workers, root=work), work)
-        count, start = 0, None
-        for _, gt, _ in lossagent.TrainingPairs(cfg, 0, 1, device).stage(1):
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if start is None:
-                start = time.perf_counter()  # the first batch pays for starting the workers: not counted
-            else:
-                count += gt.shape[0]
-        rows.append({"pipeline": task + (" + Real-ESRGAN degradation on " + device.type if task == "risr" else ""),
-                     "task": task, "num_workers": workers, "batch": size["batch"], "patch": size["patch"],
-                     "patches_per_s": count / (time.perf_counter() - start)})
+        ways = [("", size)]
+        if task == "risr":
+            ways = [(f" as Real-ESRGAN ({size['degrade_size']} crop, pool {size['pool_size']})", size),
+                    (", the patch itself degraded, no pool", {k: v for k, v in size.items()
+                                                               if k not in ("degrade_size", "pool_size")})]
+        for label, way in ways:
+            cfg = load(task_config(task, way, data, iters=batches, workers=workers, root=work), work)
+            count, start = 0, None
+            for _, gt, _ in lossagent.TrainingPairs(cfg, 0, 1, device).stage(1):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                if start is None:
+                    start = time.perf_counter()  # the first batch pays for starting the workers: not counted
+                else:
+                    count += gt.shape[0]
+            rows.append({"pipeline": task + (f" + degradation on {device.type}{label}" if task == "risr" else ""),
+                         "task": task, "num_workers": workers, "batch": size["batch"], "patch": size["patch"],
+                         "patches_per_s": count / (time.perf_counter() - start)})
     return rows
 
 

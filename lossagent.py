@@ -54,7 +54,7 @@ from data.benchmark import Metric, score
 from data.cisr import CISRDataset
 from data.feedback import load_feedback
 from data.images import SeededItems, StageSampler
-from data.risr import GTCropDataset, RealESRGANDegradation
+from data.risr import GTCropDataset, RealESRGANPairs
 from losses import build_loss_repository, usm_sharp
 from models import build_network as make_network
 from models import load_pretrained
@@ -118,6 +118,9 @@ class TrainConfig:
 class DataConfig:
     train: list[str] = field(default_factory=list)  # image sources: folders, .txt lists, skimage:NAME (AIR: clean images to denoise)
     patch_size: int = 64  # cisr: LR patch; risr: GT patch (256); air: patch (128)
+    degrade_size: int = 0  # risr: the GT crop that is degraded before the patch is cut from it (Real-ESRGAN: 400); 0 = patch_size
+    pool_size: int = 0  # risr: Real-ESRGAN's training-pair pool of degraded pairs per rank (its queue_size, 180); 0 = none
+    jpeg: Literal["diffjpeg", "libjpeg"] = "diffjpeg"  # risr: Real-ESRGAN's DiffJPEG, or libjpeg's integer tables (data/jpeg.py)
     augment: bool = True  # random flips and 90-degree rotations
     derain: str = ""  # air: Rain100L training folder
     dehaze: str = ""  # air: RESIDE outdoor training folder
@@ -268,6 +271,11 @@ def validate(cfg):
         raise ConfigError("train.stages, train.iters_per_stage and feedback.count must be at least 1")
     if cfg.agent.backend in ("transformers", "openai") and not cfg.agent.model:
         raise ConfigError(f"agent.model is empty: name the LLM for the {cfg.agent.backend} backend")
+    d, scale = cfg.data, cfg.task.scale
+    if cfg.task.name == "risr" and (d.patch_size % scale or d.degrade_size and (d.degrade_size < d.patch_size
+                                                                                 or d.degrade_size % scale)):
+        raise ConfigError(f"data.patch_size = {d.patch_size} and data.degrade_size = {d.degrade_size} must be multiples "
+                          f"of task.scale = {scale}, and the degraded crop at least as large as the patch")
     if cfg.reflection.enabled and cfg.agent.backend == "fixed":
         raise ConfigError("reflection with agent.backend = 'fixed' would train the undone stage again bit for bit "
                           "(same weights, data and random numbers): use another backend or switch reflection off")
@@ -283,7 +291,8 @@ def stage_seed(seed, stage, rank):
 
 class TrainingPairs:
     """The training batches of one rank, stage by stage: (lq, gt, sharpened gt or None) on the training device.
-    CISR and AIR read their pairs from the loader; RISR degrades its GT crops on the device (Real-ESRGAN).
+    CISR and AIR read their pairs from the loader; RISR degrades its GT crops on the device, as Real-ESRGAN does
+    (the sharpened GT degraded, the patch cut after, the pair pool: data.risr.RealESRGANPairs).
     The loader lives as long as the run (its workers and their image caches persist), and every stage's patches
     depend only on (seed, stage, rank), so a resumed stage sees what an uninterrupted one saw."""
 
@@ -292,7 +301,7 @@ class TrainingPairs:
         if task == "cisr":
             dataset = CISRDataset(d.train, scale=cfg.task.scale, lr_patch=d.patch_size, augment=d.augment)
         elif task == "risr":
-            dataset = GTCropDataset(d.train, patch=d.patch_size, augment=d.augment)
+            dataset = GTCropDataset(d.train, crop=d.degrade_size or d.patch_size, augment=d.augment)
         else:
             dataset = AIRDataset(d.train, derain_dir=d.derain or None, dehaze_dir=d.dehaze or None,
                                  patch=d.patch_size, sigmas=tuple(d.sigmas), augment=d.augment)
@@ -304,7 +313,9 @@ class TrainingPairs:
             sampler=StageSampler(len(dataset), cfg.train.iters_per_stage * per_rank),
             num_workers=cfg.train.num_workers, pin_memory=torch.cuda.is_available(),
             persistent_workers=cfg.train.num_workers > 0, generator=torch.Generator())
-        self.degradation = RealESRGANDegradation(scale=cfg.task.scale) if task == "risr" else None
+        if task == "risr" and d.pool_size % per_rank:
+            raise ConfigError(f"data.pool_size = {d.pool_size} must be a multiple of the batch per rank ({per_rank})")
+        self.degradation = RealESRGANPairs(cfg.task.scale, d.patch_size, d.pool_size, d.jpeg) if task == "risr" else None
         self.seed, self.rank, self.device = cfg.train.seed, rank, device
         self.sharpen, self.channels_last = cfg.losses.sharpen_gt, cfg.train.channels_last
 
@@ -316,10 +327,22 @@ class TrainingPairs:
         generator = torch.Generator().manual_seed(seed)
         for batch in self.loader:
             gt = batch["gt"].to(self.device, non_blocking=True)
-            lq = self.degradation(gt, generator) if self.degradation else batch["lq"].to(self.device, non_blocking=True)
+            if self.degradation:
+                lq, gt = self.degradation(gt, generator)
+            else:
+                lq = batch["lq"].to(self.device, non_blocking=True)
             if self.channels_last:
                 lq = lq.contiguous(memory_format=torch.channels_last)
             yield lq, gt, usm_sharp(gt) if self.sharpen else None
+
+    def state_dict(self):
+        """The pairs' own state (RISR's pair pool), which must survive a resume and a rollback."""
+        pool = self.degradation.pool if self.degradation else None
+        return {"pool": pool.state_dict() if pool else None}
+
+    def load_state_dict(self, state):
+        if state and state["pool"] is not None:
+            self.degradation.pool.load_state_dict(state["pool"], self.device)
 
 
 def load_feedback_images(cfg):
@@ -787,11 +810,12 @@ def build_network(cfg):
 class TrainingState:
     """Everything training changes, in one object: the network (`raw`; `net` is what trains: compiled and/or DDP),
     its EMA, the optimizer, the grad scaler, the loss repository (a GAN term holds its discriminator and the
-    discriminator's optimizer) and every rank's RNG. save() and load() write and read all of it, so saving,
-    resuming and rolling back are one call each."""
+    discriminator's optimizer), every rank's RNG and training pairs (RISR's pair pool). save() and load() write and
+    read all of it, so saving, resuming and rolling back are one call each."""
 
     def __init__(self, cfg, device, ddp, rank, world):
         self.device, self.ddp, self.rank, self.world, t = device, ddp, rank, world, cfg.train
+        self.pairs = TrainingPairs(cfg, rank, world, device)
         # The same seed on every rank gives identical initial networks (DDP also broadcasts rank 0's).
         torch.manual_seed(t.seed)
         self.raw = build_network(cfg).to(device)
@@ -848,16 +872,17 @@ class TrainingState:
                "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
                "numpy": [x.tolist() if isinstance(x, np.ndarray) else x for x in np.random.get_state()],
                "python": random.getstate()}
-        rngs = [None] * self.world if self.ddp else [rng]
+        ranks = [None] * self.world if self.ddp else [(rng, self.pairs.state_dict())]
         if self.ddp:
-            dist.all_gather_object(rngs, rng)
+            dist.gather_object((rng, self.pairs.state_dict()), ranks if self.rank == 0 else None, dst=0)
         if is_main:
             adversary = self.losses[self.adversary] if self.adversary else None
             # The network under BasicSR's names, so models.load_pretrained and `eval` read it like an official file.
             ckpt = {"params": self.raw.state_dict(), "optimizer": self.optimizer.state_dict(),
                     "net_d": adversary.net_d.state_dict() if adversary else None,
                     "opt_d": adversary.opt_d.state_dict() if adversary else None,
-                    "scaler": self.scaler.state_dict(), "rng": rngs, **bookkeeping}
+                    "scaler": self.scaler.state_dict(), "rng": [r for r, _ in ranks], "pairs": [p for _, p in ranks],
+                    **bookkeeping}
             if self.ema is not None:
                 ckpt["params_ema"] = self.ema.state_dict()
             write_atomic(path, lambda p: torch.save(ckpt, p))
@@ -873,6 +898,7 @@ class TrainingState:
         if self.ema is not None:
             self.ema.load_state_dict(ckpt["params_ema"])
         self.scaler.load_state_dict(ckpt["scaler"])
+        self.pairs.load_state_dict(ckpt.get("pairs", [None] * self.world)[self.rank])
         rng = ckpt["rng"][self.rank]
         torch.set_rng_state(rng["torch"].cpu())
         if self.device.type == "cuda":
@@ -881,7 +907,7 @@ class TrainingState:
         random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in rng["python"]))
 
 
-def train_stage(cfg, state, pairs, weights, stage, attempt, run_dir, is_main):
+def train_stage(cfg, state, weights, stage, attempt, run_dir, is_main):
     """One stage: K iterations with fixed loss weights, L = sum_i w_i L_i over the loss repository. Rank 0 logs
     every train.log_every iterations to metrics.jsonl. Returns the phase's peak memory."""
     names, t = cfg.losses.names, cfg.train
@@ -890,7 +916,7 @@ def train_stage(cfg, state, pairs, weights, stage, attempt, run_dir, is_main):
                                                         or state.losses[state.adversary].update_when_zero) else None
     peak_memory_mib(state.device)  # starts this phase's count
     iteration, start = (stage - 1) * t.iters_per_stage, time.time()
-    for step, (lq, gt, sharp) in enumerate(pairs.stage(stage), 1):
+    for step, (lq, gt, sharp) in enumerate(state.pairs.stage(stage), 1):
         with state.autocast:
             out = state.net(lq)
             terms = {n: state.losses[n](out, gt if sharp is None or n in state.plain_gt else sharp) for n, _ in active}
@@ -1066,10 +1092,9 @@ def run(cfg):
         state.save(run_dir / "ckpt" / "last.pt", is_main, stage=0, attempt=0, history=history, weights=weights,
                    config=asdict(cfg))
 
-    pairs = TrainingPairs(cfg, rank, world, device)
     while stage <= cfg.train.stages:
         # Train: K iterations with this stage's weights, on every rank.
-        memory = {"train": train_stage(cfg, state, pairs, weights, stage, attempt, run_dir, is_main)}
+        memory = {"train": train_stage(cfg, state, weights, stage, attempt, run_dir, is_main)}
         # Judge: rank 0 restores the feedback images, and the experts judge them.
         if is_main:
             scores, memory["feedback"] = judge_stage(cfg, experts, state.eval_net, feedback, stage, run_dir, device,

@@ -1,9 +1,13 @@
 """Benchmark sets and scores, following the protocols the paper's numbers come from.
 
-PSNR / SSIM   BasicSR's calculate_psnr / calculate_ssim (used by SwinIR's and Real-ESRGAN's
-              tables): images rounded to 8 bits, optional border crop, optional Y channel of
-              ITU-R BT.601 (MATLAB rgb2ycbcr), SSIM with an 11 x 11 gaussian window (sigma 1.5) over
-              the valid region, averaged over channels for RGB.
+PSNR / SSIM   two protocols, the ones the published tables used:
+              basicsr   BasicSR's calculate_psnr / calculate_ssim (SwinIR's and Real-ESRGAN's tables): images
+                        rounded to 8 bits, optional border crop, optional Y channel of ITU-R BT.601 (MATLAB
+                        rgb2ycbcr), SSIM with an 11 x 11 gaussian window (sigma 1.5) over the valid region,
+                        averaged over channels for RGB;
+              promptir  PromptIR's test code (utils/val_utils.py): scikit-image's peak_signal_noise_ratio and
+                        structural_similarity with their defaults (7 x 7 uniform window, sample covariance) and
+                        data_range 1, on float RGB images clipped to [0, 1], not rounded.
 other metrics pyiqa with its defaults (NIQE, MUSIQ, LPIPS, ...), on the full RGB output.
 test sets     `benchmark_pairs` builds the (lq, gt) pairs each kind of set needs; `BENCHMARKS`
               records, per named set, which kind it is and how SR/AIR papers score it.
@@ -20,19 +24,19 @@ from data.air import crop_to_common, pair_by_name
 from data.cisr import bicubic_lr
 from data.images import image_name, list_images, load_image, modcrop, to_8bit, to_tensor
 
-# Per named set: its kind for benchmark_pairs and its customary PSNR/SSIM settings. SR sets are
-# scored on Y with `scale` pixels of border cropped (SwinIR/BasicSR); PromptIR scores RGB, uncropped.
+# Per named set: its kind for benchmark_pairs and how the papers score PSNR/SSIM on it. SR sets: the basicsr
+# protocol on Y with `scale` pixels of border cropped (SwinIR/BasicSR); the all-in-one sets: PromptIR's.
 BENCHMARKS = {
-    "Set5": {"kind": "sr_bicubic", "y_channel": True, "crop_border": "scale"},
-    "Set14": {"kind": "sr_bicubic", "y_channel": True, "crop_border": "scale"},
-    "BSD100": {"kind": "sr_bicubic", "y_channel": True, "crop_border": "scale"},
-    "Urban100": {"kind": "sr_bicubic", "y_channel": True, "crop_border": "scale"},
-    "Manga109": {"kind": "sr_bicubic", "y_channel": True, "crop_border": "scale"},
+    "Set5": {"kind": "sr_bicubic", "protocol": "basicsr", "y_channel": True, "crop_border": "scale"},
+    "Set14": {"kind": "sr_bicubic", "protocol": "basicsr", "y_channel": True, "crop_border": "scale"},
+    "BSD100": {"kind": "sr_bicubic", "protocol": "basicsr", "y_channel": True, "crop_border": "scale"},
+    "Urban100": {"kind": "sr_bicubic", "protocol": "basicsr", "y_channel": True, "crop_border": "scale"},
+    "Manga109": {"kind": "sr_bicubic", "protocol": "basicsr", "y_channel": True, "crop_border": "scale"},
     "OST300": {"kind": "noref"},
     "RealSRSet": {"kind": "noref"},
-    "BSD68": {"kind": "denoise", "y_channel": False, "crop_border": 0},
-    "Rain100L": {"kind": "pairs", "y_channel": False, "crop_border": 0},
-    "SOTS": {"kind": "pairs", "y_channel": False, "crop_border": 0},
+    "BSD68": {"kind": "denoise", "protocol": "promptir"},
+    "Rain100L": {"kind": "pairs", "protocol": "promptir"},
+    "SOTS": {"kind": "pairs", "protocol": "promptir"},
 }
 
 
@@ -93,6 +97,40 @@ def ssim(a: torch.Tensor, b: torch.Tensor, crop_border: int = 0, y_channel: bool
     var_a = blur(a * a) - mu_a**2
     var_b = blur(b * b) - mu_b**2
     cov = blur(a * b) - mu_a * mu_b
+    ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return ssim_map.mean(dim=(1, 2)).mean().item()
+
+
+def _float_pair(a: torch.Tensor, b: torch.Tensor):
+    """Both images as float64 [C, H, W], clipped to [0, 1] and not rounded (PromptIR's np.clip)."""
+    if a.shape != b.shape:
+        raise ValueError(f"images differ in shape: {tuple(a.shape)} vs {tuple(b.shape)}")
+    return [x.detach().double().reshape(x.shape[-3:]).clamp(0, 1) for x in (a, b)]
+
+
+def psnr_promptir(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PromptIR's PSNR: scikit-image's peak_signal_noise_ratio(gt, restored, data_range=1) on float images."""
+    a, b = _float_pair(a, b)
+    mse = torch.mean((a - b) ** 2).item()
+    return float("inf") if mse == 0 else 10.0 * torch.log10(torch.tensor(1.0 / mse)).item()
+
+
+def ssim_promptir(a: torch.Tensor, b: torch.Tensor) -> float:
+    """PromptIR's SSIM: scikit-image's structural_similarity(gt, restored, data_range=1, channel_axis=-1) with its
+    defaults: per channel, a 7 x 7 uniform window, the sample covariance (N / (N - 1), N = 49), K1 = 0.01,
+    K2 = 0.03, the mean over the pixels whose window lies inside the image, then the mean over channels."""
+    a, b = _float_pair(a, b)
+    channels, n = a.shape[0], 49
+    window = torch.full((channels, 1, 7, 7), 1.0 / n, dtype=a.dtype, device=a.device)
+
+    def mean(x):  # the 7 x 7 window mean of x [C, H, W] where the window fits: [C, H - 6, W - 6]
+        return F.conv2d(x[None], window, groups=channels)[0]
+
+    mu_a, mu_b = mean(a), mean(b)
+    var_a = (mean(a * a) - mu_a**2) * n / (n - 1)
+    var_b = (mean(b * b) - mu_b**2) * n / (n - 1)
+    cov = (mean(a * b) - mu_a * mu_b) * n / (n - 1)
+    c1, c2 = 0.01**2, 0.03**2
     ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
     return ssim_map.mean(dim=(1, 2)).mean().item()
 
@@ -273,8 +311,9 @@ def pyiqa_weights(metric: str, download: bool = True):
         download_util.DEFAULT_CACHE_DIR, download_util.download_url_to_file = saved
 
 
-# The metrics this module computes itself, by the benchmark protocol; every other name is a pyiqa metric.
-OURS = {"psnr": psnr, "ssim": ssim}
+# The metrics this module computes itself, by benchmark protocol (see the module docstring); every other name is a
+# pyiqa metric.
+OURS = {"psnr": {"basicsr": psnr, "promptir": psnr_promptir}, "ssim": {"basicsr": ssim, "promptir": ssim_promptir}}
 
 
 def is_full_reference(name: str) -> bool:
@@ -289,14 +328,16 @@ def is_full_reference(name: str) -> bool:
 class Metric:
     """One metric, ready to score images [1, 3, H, W] in [0, 1] one at a time: `metric(img, gt)` -> float.
 
-    Ours (`protocol` set, name in OURS) or a pyiqa metric created once; `full_reference`, `lower_better` and
-    `score_range` (low, high or None) describe it, `to(device)` moves a pyiqa metric's network."""
+    Ours (`protocol` given, name in OURS: {"style": "basicsr", "crop_border", "y_channel"} or {"style": "promptir"})
+    or a pyiqa metric created once; `full_reference`, `lower_better` and `score_range` (low, high or None) describe
+    it, `to(device)` moves a pyiqa metric's network."""
 
     def __init__(self, name: str, device, protocol: dict | None = None, download: bool = True, options=None):
         self.name, self.iqa = name, None
         if protocol is not None and name in OURS:
-            fn = OURS[name]
-            self.fn = lambda img, gt: fn(img, gt, **protocol)
+            settings = dict(protocol)
+            fn = OURS[name][settings.pop("style", "basicsr")]
+            self.fn = lambda img, gt: fn(img, gt, **settings)
             self.full_reference, self.lower_better, self.score_range = True, False, None
             return
         import pyiqa
@@ -356,7 +397,7 @@ def score_images(
 
     `gts`: reference images, a dict name -> tensor or a list in the order of `images` (needed by psnr, ssim and
     pyiqa's full-reference metrics such as lpips). "psnr"/"ssim" use this module's functions with the set's
-    `protocol` (crop_border, y_channel; default none of either); any other name is pyiqa's metric with its
+    `protocol` (see Metric; default basicsr on RGB, uncropped); any other name is pyiqa's metric with its
     defaults, on the full RGB image. Returns {"metrics": {metric: {"mean": float, "per_image": {name: float}}}}."""
     if isinstance(gts, dict):
         gts = [gts[name] for name, _ in images]

@@ -178,6 +178,15 @@ def mirror_indices(start: int, stop: int, n: int) -> np.ndarray:
     return np.where(idx < n, idx, 2 * n - 1 - idx)
 
 
+def reflect101_indices(stop: int, n: int) -> np.ndarray:
+    """Indices 0..stop-1 folded into [0, n) by reflection without repeating the edge pixel (... 2 1 | 0 1 ... n-1 |
+    n-2 n-3 ...), OpenCV's BORDER_REFLECT_101, valid for any overshoot."""
+    if n == 1:
+        return np.zeros(stop, dtype=np.int64)
+    idx = np.arange(stop) % (2 * n - 2)
+    return np.where(idx < n, idx, 2 * n - 2 - idx)
+
+
 def random_crop(imgs: list[np.ndarray], size: int, align: list[int] | None = None) -> list[np.ndarray]:
     """Crop the same random window from H x W x C arrays of equal size.
 

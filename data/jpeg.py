@@ -1,13 +1,18 @@
 """A batched JPEG round trip in torch, for synthesising compression artefacts on the GPU.
 
-This is a non-differentiable torch model of a baseline JPEG codec, not libjpeg bit-exact: it follows
-the codec's lossy steps (JFIF RGB -> YCbCr, 4:2:0 chroma subsampling by 2x2 averaging, 8x8 DCT,
-quantisation with the IJG standard tables scaled by the quality factor, rounding, dequantisation,
-inverse DCT, nearest-neighbour chroma upsampling, 8-bit output) and skips the lossless entropy
-coding. Real-ESRGAN uses the same kind of codec model (its DiffJPEG) for the same reason: one
-quality per image, a whole batch at once, on the GPU.
-"""
+This is a non-differentiable torch model of a baseline JPEG codec, not libjpeg bit-exact: it follows the
+codec's lossy steps (JFIF RGB -> YCbCr, 4:2:0 chroma subsampling by 2x2 averaging, 8x8 DCT, quantisation with
+the standard tables scaled by the quality factor, rounding, dequantisation, inverse DCT, nearest-neighbour
+chroma upsampling) and skips the lossless entropy coding. One quality per image, a whole batch at once.
 
+Two styles:
+  "diffjpeg"  Real-ESRGAN's (BasicSR's DiffJPEG with differentiable=False), the default of the RISR recipe:
+              the luma table transposed (its coefficient (u, v) is divided by the standard entry (v, u)),
+              the tables scaled by the quality factor without rounding or clamping, the image padded with
+              zeros to a multiple of 16, and the output not rounded (float, clamped to [0, 1]);
+  "libjpeg"   closer to real JPEG files (PIL, OpenCV): libjpeg's integer tables
+              floor((base * factor + 50) / 100) in [1, 255], edge-replicated padding, 8-bit output.
+"""
 import math
 
 import torch
@@ -41,15 +46,19 @@ _RGB_TO_YCBCR = (
 )
 
 
-def quality_tables(quality: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Luma and chroma tables [B, 8, 8] for qualities [B] (1..100), scaled as libjpeg does:
-    factor 5000/q below 50, 200 - 2q above, entries floor((base * factor + 50) / 100) in [1, 255]."""
+def quality_tables(quality: torch.Tensor, style: str = "libjpeg") -> tuple[torch.Tensor, torch.Tensor]:
+    """Luma and chroma tables [B, 8, 8] for qualities [B] (1..100). The factor is 5000/q below 50, 200 - 2q above
+    (percent); libjpeg rounds each entry to floor((base * factor + 50) / 100) in [1, 255], DiffJPEG keeps
+    base * factor / 100 and transposes the tables."""
     q = quality.clamp(1, 100).to(torch.float32)[:, None, None]
     factor = torch.where(q < 50, 5000.0 / q, 200.0 - 2.0 * q)
     tables = []
     for base in (LUMA_TABLE, CHROMA_TABLE):
         base = to_device_async(torch.tensor(base, dtype=torch.float32), quality.device)
-        tables.append(torch.floor((base * factor + 50.0) / 100.0).clamp(1, 255))
+        if style == "diffjpeg":
+            tables.append(base.T * (factor / 100.0))  # transposed as in DiffJPEG (the chroma table is symmetric)
+        else:
+            tables.append(torch.floor((base * factor + 50.0) / 100.0).clamp(1, 255))
     return tables[0], tables[1]
 
 
@@ -76,16 +85,19 @@ def _quantise_blocks(plane: torch.Tensor, table: torch.Tensor, dct: torch.Tensor
 
 
 @torch.no_grad()
-def jpeg_roundtrip(img: torch.Tensor, quality: torch.Tensor | float) -> torch.Tensor:
-    """Compress and decompress a batch img [B, 3, H, W] in [0, 1] at per-image `quality` ([B] or a
-    number, 1..100); returns 8-bit-valued float [B, 3, H, W]. Sides that are not multiples of 16 (the
-    4:2:0 macroblock) are padded by edge replication, as encoders do, and cropped back."""
+def jpeg_roundtrip(img: torch.Tensor, quality: torch.Tensor | float, style: str = "libjpeg") -> torch.Tensor:
+    """Compress and decompress a batch img [B, 3, H, W] in [0, 1] at per-image `quality` ([B] or a number,
+    1..100) in the given style (see the module docstring); returns float [B, 3, H, W] in [0, 1] (8-bit-valued
+    for libjpeg). Sides that are not multiples of 16 (the 4:2:0 macroblock) are padded and cropped back."""
+    if style not in ("diffjpeg", "libjpeg"):
+        raise ValueError(f"JPEG style must be 'diffjpeg' or 'libjpeg', got {style!r}")
     b, _, h, w = img.shape
     if not torch.is_tensor(quality):
         quality = torch.full((b,), float(quality), device=img.device)
-    luma_table, chroma_table = quality_tables(to_device_async(quality, img.device))
+    luma_table, chroma_table = quality_tables(to_device_async(quality, img.device), style)
     pad_h, pad_w = -h % 16, -w % 16
-    x = F.pad(img.clamp(0, 1) * 255.0, (0, pad_w, 0, pad_h), mode="replicate")
+    mode = "constant" if style == "diffjpeg" else "replicate"
+    x = F.pad(img.clamp(0, 1) * 255.0, (0, pad_w, 0, pad_h), mode=mode)
     to_ycbcr = to_device_async(torch.tensor(_RGB_TO_YCBCR, dtype=x.dtype), x.device)
     # Y keeps its 0..255 range and Cb/Cr are centred, so subtracting 128 from Y alone level-shifts all three.
     ycc = torch.einsum("oc,bchw->bohw", to_ycbcr, x)
@@ -97,5 +109,6 @@ def jpeg_roundtrip(img: torch.Tensor, quality: torch.Tensor | float) -> torch.Te
     cr = _quantise_blocks(chroma[:, 1:], chroma_table, dct)
     cbcr = torch.cat([cb, cr], dim=1).repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
     cb, cr = cbcr[:, :1], cbcr[:, 1:]
-    rgb = torch.cat([y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb], dim=1)
-    return (rgb.clamp(0, 255).round() / 255.0)[:, :, :h, :w]
+    rgb = torch.cat([y + 1.402 * cr, y - 0.344136 * cb - 0.714136 * cr, y + 1.772 * cb], dim=1).clamp(0, 255)
+    rgb = rgb / 255.0 if style == "diffjpeg" else rgb.round() / 255.0
+    return rgb[:, :, :h, :w]

@@ -11,10 +11,11 @@ Which draws are per image and which per batch follows Real-ESRGAN:
              noise level, gray-vs-colour noise, JPEG quality;
   per batch: resize direction, scale and interpolation mode, Gaussian-vs-Poisson, whether the
              second blur is applied, the order of the final step.
-One deliberate difference: Real-ESRGAN's gray Gaussian noise reuses one noise field for the whole
-batch; here each image gets its own.
-Real-ESRGAN degrades the unsharp-masked GT (losses.sharpen.usm_sharp) and crops 256 patches after
-degrading a 400 crop; the trainer chooses what it passes in as `gt`.
+The JPEG steps are Real-ESRGAN's DiffJPEG by default (data.jpeg). One deliberate difference: Real-ESRGAN's
+gray Gaussian noise reuses one noise field for the whole batch; here each image gets its own.
+
+RealESRGANPairs is the rest of Real-ESRGAN's feed_data: it degrades the unsharp-masked GT of a 400 crop, cuts
+the training patch (lq and gt at the same place) from it, and passes the pair through the training-pair pool.
 """
 
 import math
@@ -24,28 +25,32 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from data.images import ImageCache, list_images, random_crop, random_dihedral, to_8bit, to_device_async, to_tensor
+from data.images import (ImageCache, list_images, random_dihedral, reflect101_indices, to_8bit, to_device_async,
+                         to_tensor)
 from data.jpeg import jpeg_roundtrip
+from losses.sharpen import usm_sharp
 
 KERNEL_TYPES = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
 
 
 class GTCropDataset(Dataset):
-    """Items {"gt": [3, patch, patch]}: a random crop (images smaller than `patch` are padded by
-    reflection) with a random horizontal flip, plus vertical flips/rotations if `rotate` (Real-ESRGAN
-    trains with use_hflip only, hence the default)."""
+    """Items {"gt": [3, crop, crop]}, Real-ESRGAN's way: an image with a side below `crop` is padded at its
+    bottom/right by reflection without repeating the edge (its dataset's cv2.BORDER_REFLECT_101), then a random
+    window is cut; a random horizontal flip, plus vertical flips/rotations if `rotate` (Real-ESRGAN trains with
+    use_hflip only, hence the default). Real-ESRGAN degrades a crop of 400 and cuts the 256 training patch from
+    it after the degradation (RealESRGANPairs)."""
 
     def __init__(
         self,
         sources: list[str],
-        patch: int = 256,
+        crop: int = 400,
         augment: bool = True,
         length: int | None = None,
         rotate: bool = False,
         cache_pixels: int = 1_000_000,
     ):
         self.paths = list_images(sources)
-        self.patch, self.augment, self.rotate = patch, augment, rotate
+        self.crop, self.augment, self.rotate = crop, augment, rotate
         self.length = length or len(self.paths)
         self.cache = ImageCache(max_pixels=cache_pixels)
 
@@ -55,9 +60,13 @@ class GTCropDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         if not 0 <= index < len(self):  # lets `for item in dataset` stop
             raise IndexError(index)
-        img = self.cache.get(self.paths[index % len(self.paths)])
-        (crop,) = random_crop([img], self.patch)
-        gt = to_tensor(crop)
+        img, p = self.cache.get(self.paths[index % len(self.paths)]), self.crop
+        h, w = img.shape[:2]
+        if h < p or w < p:
+            img = img[reflect101_indices(max(h, p), h)[:, None], reflect101_indices(max(w, p), w)[None, :]]
+        top = int(torch.randint(0, img.shape[0] - p + 1, ()).item())
+        left = int(torch.randint(0, img.shape[1] - p + 1, ()).item())
+        gt = to_tensor(img[top : top + p, left : left + p])
         if self.augment:
             (gt,) = random_dihedral([gt], hflip=True, rot=self.rotate)
         return {"gt": gt}
@@ -287,6 +296,7 @@ class RealESRGANDegradation:
     final_sinc_prob: float = 0.8
     resize_first_prob: float = 0.5  # [resize + sinc] before JPEG, else after
     resize_modes: tuple = ("area", "bilinear", "bicubic")
+    jpeg: str = "diffjpeg"  # data.jpeg style: Real-ESRGAN's DiffJPEG, or libjpeg's integer tables
 
     def __post_init__(self):
         self.trace: dict = {}
@@ -317,7 +327,7 @@ class RealESRGANDegradation:
 
     def _jpeg(self, x, g, quality_range):
         quality = _uniform(*quality_range, x.shape[0], g)
-        return jpeg_roundtrip(x.clamp(0, 1), to_device_async(quality, x.device)), quality.tolist()
+        return jpeg_roundtrip(x.clamp(0, 1), to_device_async(quality, x.device), self.jpeg), quality.tolist()
 
     @torch.no_grad()
     def __call__(self, gt: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -381,3 +391,64 @@ class RealESRGANDegradation:
         trace["final"] = ("resize_first" if resize_first else "jpeg_first", mode)
         self.trace = trace
         return to_8bit(x).to(gt.dtype)
+
+
+class PairPool:
+    """Real-ESRGAN's training-pair pool (its queue_size, _dequeue_and_enqueue): while it fills, each batch trains as
+    it is and is kept; once full, each new batch goes in and a batch drawn from the shuffled pool comes out, so a
+    batch mixes the degradations of many iterations. The pairs are 8-bit-valued, so the pool keeps them as uint8
+    on their device, a quarter of the memory, exactly."""
+
+    def __init__(self, size: int):
+        self.size, self.filled, self.lq, self.gt = size, 0, None, None
+
+    def __call__(self, lq: torch.Tensor, gt: torch.Tensor, generator: torch.Generator):
+        b = lq.shape[0]
+        if self.size % b:
+            raise ValueError(f"the pair pool's size {self.size} must be a multiple of the batch size per rank {b}")
+        if self.lq is None:
+            self.lq = torch.zeros((self.size, *lq.shape[1:]), dtype=torch.uint8, device=lq.device)
+            self.gt = torch.zeros((self.size, *gt.shape[1:]), dtype=torch.uint8, device=gt.device)
+        if self.filled < self.size:
+            self.lq[self.filled : self.filled + b], self.gt[self.filled : self.filled + b] = _codes(lq), _codes(gt)
+            self.filled += b
+            return lq, gt
+        order = to_device_async(torch.randperm(self.size, generator=generator), lq.device)
+        self.lq, self.gt = self.lq[order], self.gt[order]
+        out = self.lq[:b].float() / 255.0, self.gt[:b].float() / 255.0
+        self.lq[:b], self.gt[:b] = _codes(lq), _codes(gt)
+        return out
+
+    def state_dict(self) -> dict:
+        return {"filled": self.filled, "lq": None if self.lq is None else self.lq.cpu(),
+                "gt": None if self.gt is None else self.gt.cpu()}
+
+    def load_state_dict(self, state: dict, device) -> None:
+        self.filled = state["filled"]
+        self.lq, self.gt = (None if state[k] is None else state[k].to(device) for k in ("lq", "gt"))
+
+
+def _codes(x: torch.Tensor) -> torch.Tensor:
+    return (x * 255.0).round().to(torch.uint8)
+
+
+class RealESRGANPairs:
+    """Real-ESRGAN's feed_data for a batch of GT crops gt [B, 3, S, S] (S = the degraded crop, 400): the LQ is the
+    degradation of usm_sharp(gt); one random patch place for the whole batch (BasicSR's paired_random_crop) cuts
+    the lq [B, 3, P/scale, P/scale] and gt [B, 3, P, P] patches; then the pair pool (`pool_size` 0: none). Every
+    random draw comes from `generator` (a CPU one), so a seeded stage gives the same pairs."""
+
+    def __init__(self, scale: int, patch: int, pool_size: int = 0, jpeg: str = "diffjpeg"):
+        self.scale, self.patch = scale, patch
+        self.degradation = RealESRGANDegradation(scale=scale, jpeg=jpeg)
+        self.pool = PairPool(pool_size) if pool_size else None
+
+    def __call__(self, gt: torch.Tensor, generator: torch.Generator):
+        lq = self.degradation(usm_sharp(gt), generator)
+        p, s = self.patch // self.scale, self.scale
+        top = int(torch.randint(0, lq.shape[-2] - p + 1, (), generator=generator))
+        left = int(torch.randint(0, lq.shape[-1] - p + 1, (), generator=generator))
+        lq = lq[..., top : top + p, left : left + p].contiguous()
+        gt = gt[..., top * s : (top + p) * s, left * s : (left + p) * s].contiguous()
+        return self.pool(lq, gt, generator) if self.pool else (lq, gt)
+

@@ -60,7 +60,8 @@ metric = "psnr"
 [[experts]]
 metric = "ssim"
 """ + COMMON.format(stages=3, backend="openai", url="{url}", feedback=f'{FEEDBACK}\ndegradation = "bicubic"'),
-    # Real-world SR: the degradation on the device, the sharpened target, EMA, and the hillclimb controller.
+    # Real-world SR: the degradation of a larger crop on the device, the pair pool, the sharpened target, EMA, and
+    # the hillclimb controller.
     "risr": f"""[task]
 name = "risr"
 [model]
@@ -73,6 +74,8 @@ sharpen_gt = true
 [data]
 train = {PHOTOS}
 patch_size = 64
+degrade_size = 96
+pool_size = 4
 [[experts]]
 metric = "psnr"
 """ + COMMON.format(stages=3, backend="hillclimb", url="", feedback=f'{FEEDBACK}\ndegradation = "realesrgan"')

@@ -339,7 +339,7 @@ def test_jpeg_roundtrip_close_to_libjpeg():
 
 def test_gt_crop_dataset_pads_small_images(tmp_path):
     write_png(str(tmp_path / "small.png"), random_uint8(40, 50, 5))
-    ds = GTCropDataset([str(tmp_path)], patch=64, length=3)
+    ds = GTCropDataset([str(tmp_path)], crop=64, length=3)
     assert len(ds) == 3 and ds[0]["gt"].shape == (3, 64, 64)
 
 

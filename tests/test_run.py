@@ -91,11 +91,17 @@ def test_run_with_openai_server_writes_the_run_directory(tmp_path, server):
     assert "stage 1 done" in result.stdout and "| stage | iteration | weights |" in result.stdout
 
 
-@pytest.mark.parametrize("workers", [0, 2])  # 2: the loader's worker processes persist across stages
-def test_resume_after_kill_gives_the_same_history(tmp_path, server, workers):
+RISR = ["--set", "task.name=risr", "--set", "data.patch_size=64", "--set", "data.degrade_size=96",
+        "--set", "data.pool_size=4", "--set", "losses.sharpen_gt=true"]
+
+
+@pytest.mark.parametrize("workers,task", [(0, "cisr"), (2, "cisr"), (0, "risr")])  # 2: persistent loader workers
+def test_resume_after_kill_gives_the_same_history(tmp_path, server, workers, task):
+    """A kill in stage 2 and a rerun: the same history and losses as an uninterrupted run, also with RISR's pair
+    pool, whose content the checkpoint carries."""
     config = tiny_config(tmp_path, stages=3, iters=12, log_every=1, url=server.url)
     # Two blocks, so drop path is on (its masks come from the training RNG, which the loader must not disturb).
-    settings = ["--set", f"train.num_workers={workers}", "--set", "model.args.depths=[2]"]
+    settings = ["--set", f"train.num_workers={workers}", "--set", "model.args.depths=[2]", *(RISR if task == "risr" else [])]
     assert lossagent(config, tmp_path, "--set", "output.name=whole", *settings).returncode == 0
 
     cmd = [sys.executable, str(ROOT / "lossagent.py"), "--config", str(config),

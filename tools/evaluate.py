@@ -60,8 +60,11 @@ def evaluate_network(cfg, net, ckpt, metrics, device, out):
             restored = [(it["name"], tiled_forward(net, it["lq"].to(device), cfg.task.scale, tile=cfg.eval.tile or None,
                                                    overlap=cfg.eval.tile_overlap).clamp(0, 1).cpu()) for it in items]
         has_gt = all(it["gt"] is not None for it in items)
-        crop = cfg.task.scale if known.get("crop_border") == "scale" else known.get("crop_border", 0)
-        protocol = {"crop_border": crop, "y_channel": known.get("y_channel", cfg.task.scale > 1)}
+        if known.get("protocol") == "promptir":
+            protocol = {"style": "promptir"}
+        else:  # the SR sets, and sets of your own: BasicSR's protocol, on Y for SR
+            crop = cfg.task.scale if known.get("crop_border") == "scale" else known.get("crop_border", 0)
+            protocol = {"style": "basicsr", "crop_border": crop, "y_channel": known.get("y_channel", cfg.task.scale > 1)}
         usable = [m for m in metrics if has_gt or not is_full_reference(m)]  # no-GT sets: no-reference metrics only
         label = f"{b.name}_sigma{b.sigma:g}" if b.sigma else b.name
         results[label] = score_images(restored, usable, device, gts=[it["gt"] for it in items] if has_gt else None,
