@@ -31,6 +31,7 @@ parser, controllers, stage trainer, run(), main(). What is not the method
 """
 import argparse
 import copy
+import importlib.util
 import json
 import math
 import os
@@ -162,7 +163,7 @@ class FusionConfig:
 
 @dataclass
 class AgentConfig:
-    backend: Literal["transformers", "openai", "fixed", "random", "hillclimb"] = "transformers"  # the controller (see Controllers)
+    backend: Literal["transformers", "openai", "fixed", "random", "hillclimb", "optuna-tpe", "optuna-cmaes"] = "transformers"  # the controller
     model: str = ""  # HF id or local dir (package:NAME = a pip-installed model package); server model name for openai
     gguf_file: str = ""  # GGUF file inside `model` (transformers)
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # transformers weights dtype
@@ -276,6 +277,8 @@ def validate(cfg):
                                                                                  or d.degrade_size % scale)):
         raise ConfigError(f"data.patch_size = {d.patch_size} and data.degrade_size = {d.degrade_size} must be multiples "
                           f"of task.scale = {scale}, and the degraded crop at least as large as the patch")
+    if cfg.agent.backend.startswith("optuna") and not any(e.kind == "pyiqa" or e.output == "score" for e in cfg.experts):
+        raise ConfigError(f"agent.backend = '{cfg.agent.backend}' needs a score expert: an optimizer cannot read text")
     if cfg.reflection.enabled and cfg.agent.backend == "fixed":
         raise ConfigError("reflection with agent.backend = 'fixed' would train the undone stage again bit for bit "
                           "(same weights, data and random numbers): use another backend or switch reflection off")
@@ -765,6 +768,51 @@ class HillClimb(Controller):
         return self.rule("hillclimb", start, stage, attempt, state)
 
 
+class OptunaSearch(Controller):
+    """A black-box optimizer at the same budget (Optuna's ask/tell; agent.backend optuna-tpe or optuna-cmaes): each
+    stage is one trial. Its weights are asked in the box [losses.min_weight, losses.max_weight] per loss, log-uniform
+    when min_weight > 0 (weights span decades) and uniform otherwise (a log scale cannot reach 0); its value is what
+    the experts said after it: one score expert's mean in that expert's direction, or the fused score of several.
+    Weights the optimizer did not ask for (the initial ones, a fallback's) are told as given trials. The study is
+    replayed from the history at every call, with the sampler seeded by agent.seed."""
+
+    def __init__(self, cfg, experts):
+        super().__init__(cfg, experts)
+        needed = ["optuna", "cmaes"] if cfg.agent.backend == "optuna-cmaes" else ["optuna"]  # Optuna's CMA-ES needs cmaes
+        missing = [m for m in needed if importlib.util.find_spec(m) is None]
+        if missing:
+            raise ConfigError(f"agent.backend = '{cfg.agent.backend}' needs {' and '.join(missing)}: pip install {' '.join(needed)}")
+        import optuna
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        self.optuna = optuna
+
+    def choose(self, history, weights, stage, attempt):
+        optuna = self.optuna
+        cfg, names, (low, high) = self.cfg, self.names, (self.cfg.losses.min_weight, self.cfg.losses.max_weight)
+        space = {n: optuna.distributions.FloatDistribution(low, high, log=low > 0) for n in names}
+        scored = [e for e in self.experts if not e.text]
+        single = scored[0] if len(scored) == 1 else None
+        if cfg.agent.backend == "optuna-tpe":
+            sampler = optuna.samplers.TPESampler(seed=cfg.agent.seed)
+        else:  # CMA-ES starts at the initial weights
+            sampler = optuna.samplers.CmaEsSampler(x0=history[0]["weights"], seed=cfg.agent.seed,
+                                                   warn_independent_sampling=False)
+        study = optuna.create_study(sampler=sampler, direction="minimize" if single and single.lower_better else "maximize")
+        for k, entry in enumerate(history):
+            if entry["stage"] == 0:
+                continue
+            value = (entry["scores"].get(single.name, {}).get("mean") if single
+                     else fused_score(self.experts, entry["scores"], cfg.fusion))
+            if history[k - 1].get("next_weights") and not history[k - 1].get("fallback"):  # weights it asked for
+                trial = study.ask(space)
+                study.tell(trial, value, state=None if value is not None else optuna.trial.TrialState.FAIL)
+            elif value is not None:
+                study.add_trial(optuna.trial.create_trial(params={n: entry["weights"][n] for n in names},
+                                                          distributions=space, value=value))
+        trial = study.ask(space)
+        return self.rule(cfg.agent.backend, [trial.params[n] for n in names], stage, attempt, {"trial": trial.number})
+
+
 def make_controller(cfg, experts, device):
     backend = cfg.agent.backend
     if backend == "fixed":
@@ -773,6 +821,8 @@ def make_controller(cfg, experts, device):
         return RandomWeights(cfg, experts)
     if backend == "hillclimb":
         return HillClimb(cfg, experts)
+    if backend.startswith("optuna"):
+        return OptunaSearch(cfg, experts)
     names, low, high = cfg.losses.names, cfg.losses.min_weight, cfg.losses.max_weight
     llm = TransformersLLM(cfg.agent, device, names, low, high) if backend == "transformers" else OpenAILLM(cfg.agent, names)
     experience = [json.loads(Path(p).read_text())["text"] for p in cfg.agent.experience]

@@ -9,6 +9,13 @@ runs/<name>/history.json (weights per stage, format success counts), runs/<task>
 <name>_seed<k>, show as mean ± std. The best value of every column is bold (lower or higher by pyiqa's
 `lower_better`; GT rows are references, not candidates). Missing runs show as "—" and are listed after the tables.
 Writes <out>/table<k>.{md,csv,tex}, <out>/tables.md (all of them) and <out>/figure4_<task>.png.
+
+    python slurm/aggregate.py --study controllers        # reads runs/controllers/, writes runs/tables/controllers*
+
+The controller study (slurm/launch.py --study controllers): per objective, each controller's held-out test objective
+and final feedback objective (mean ± std over seeds), a comparison with fixed weights paired by seed, and the
+objective on the feedback images against the stage. Writes <out>/controllers_<objective>.{md,csv},
+<out>/controllers.md, <out>/controllers.json (every number per run) and <out>/controllers_curves.png.
 """
 import argparse
 import csv
@@ -20,10 +27,13 @@ import statistics
 import sys
 from pathlib import Path
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:
-    import tomli as tomllib
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import lossagent  # noqa: E402  (the repository root is on the path only now)
+from tools.configurator import tomllib  # noqa: E402
 
 # Benchmark columns per task, as the labels `lossagent.py eval` writes into eval.json.
 SETS = {
@@ -302,13 +312,147 @@ def aggregate(runs, out):
     return texts, results.missing
 
 
+# -----------------------------------------------------------------------------
+# The controller study.
+
+OBJECTIVES = {"niqe": "NIQE", "psnr": "PSNR", "fused": "NIQE + PSNR fused"}
+STUDY_CONTROLLERS = ["llm", "optuna-tpe", "optuna-cmaes", "hillclimb", "random", "fixed", "l1-only", "perceptual-heavy"]
+STATIC = ("fixed", "l1-only", "perceptual-heavy")  # one run per seed serves every objective (launch.py)
+
+
+def study_runs(runs, objective, controller):
+    return run_dirs(runs, f"static_{controller}" if controller in STATIC else f"{objective}_{controller}")
+
+
+def objective_of(objective, scores, experts, fusion):
+    """The objective from one set of mean scores {name: mean}: NIQE, PSNR, or the two fused as the runs fuse them."""
+    if objective != "fused":
+        return scores.get(OBJECTIVES[objective])
+    return lossagent.fused_score(experts, {n: {"mean": v} for n, v in scores.items() if v is not None}, fusion)
+
+
+def fused_reference(runs):
+    """The experts (ranges, directions) and fusion settings of the fused objective, from a finished fused run."""
+    for d in sorted(runs.glob("*_seed*")) + sorted(runs.iterdir()):
+        if (d / "config.toml").is_file() and (d / "history.json").is_file():
+            cfg = tomllib.loads((d / "config.toml").read_text())
+            if cfg.get("fusion", {}).get("enabled"):
+                directions = {e["name"]: e["lower_better"] for e in read_json(d / "history.json")["experts"]}
+                experts = [lossagent.Expert(e["metric"].upper(), directions[e["metric"].upper()], "",
+                                            score_range=tuple(e["range"])) for e in cfg["experts"]]
+                return experts, lossagent.FusionConfig(**cfg["fusion"])
+    return None, None
+
+
+def study_numbers(runs):
+    """{objective: {controller: [per seed: {"seed", "test", "feedback", "curve"}]}} read from the runs' files."""
+    experts, fusion = fused_reference(runs)
+    numbers = {}
+    for objective in OBJECTIVES:
+        for controller in STUDY_CONTROLLERS:
+            rows = numbers.setdefault(objective, {}).setdefault(controller, [])
+            for d in study_runs(runs, objective, controller):
+                history, evaluation = read_json(d / "history.json"), read_json(d / "eval.json")
+                if history is None or evaluation is None:
+                    continue
+                kept = [h for h in history["stages"] if not h.get("rolled_back")]
+                curve = [objective_of(objective, {n: v.get("mean") for n, v in h["scores"].items()}, experts, fusion)
+                         for h in kept]
+                test = {m.upper(): v["mean"] for m, v in evaluation["datasets"]["CSet14"]["metrics"].items()}
+                rows.append({"run": d.name, "seed": int(d.name.rsplit("seed", 1)[1]) if "_seed" in d.name else 0,
+                             "test": objective_of(objective, test, experts, fusion), "feedback": curve[-1],
+                             "curve": curve, "weights": [h["weights"] for h in kept]})
+    return numbers
+
+
+def study_tables(numbers, out):
+    """One table per objective: test and feedback objective per controller, and the comparison with fixed weights
+    paired by seed (a positive difference is better)."""
+    texts = {}
+    for objective, controllers in numbers.items():
+        lower = objective == "niqe"
+        fixed = {r["seed"]: r["test"] for r in controllers.get("fixed", [])}
+        rows = []
+        for controller, runs in controllers.items():
+            if not runs:
+                continue
+            tests = [r["test"] for r in runs]
+            paired = [(r["test"] - fixed[r["seed"]]) * (-1 if lower else 1) for r in runs if r["seed"] in fixed]
+            wins = sum(p > 0 for p in paired)
+            rows.append((controller, mean_std(tests), mean_std([r["feedback"] for r in runs]),
+                         mean_std(paired) if controller != "fixed" else None,
+                         f"{wins}/{len(paired)}" if controller != "fixed" and paired else "—", len(runs)))
+        rows.sort(key=lambda r: (r[1] is None, (r[1][0] if r[1] else 0) * (1 if lower else -1)))
+        name = OBJECTIVES[objective]
+        arrow = "lower is better" if lower else "higher is better"
+        header = ["controller", f"test {name} (CSet14)", f"feedback {name} (CSet5, last stage)",
+                  "test vs fixed, paired by seed (> 0: better)", "seeds better than fixed", "seeds"]
+        cells = [[c, fmt_stat(t), fmt_stat(f), fmt_stat(p, signed=True), w, str(n)] for c, t, f, p, w, n in rows]
+        md = [f"### Objective: {name} ({arrow})", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+              *["| " + " | ".join(row) + " |" for row in cells]]
+        texts[objective] = "\n".join(md) + "\n"
+        (out / f"controllers_{objective}.md").write_text(texts[objective])
+        with open(out / f"controllers_{objective}.csv", "w", newline="") as f:
+            csv.writer(f).writerows([header, *cells])
+    return texts
+
+
+def fmt_stat(stat, signed=False):
+    if stat is None:
+        return "—"
+    mean, std = stat
+    text = f"{mean:+.4g}" if signed else f"{mean:.4g}"
+    return text if std is None else f"{text} ± {std:.2g}"
+
+
+def study_figure(numbers, path):
+    """The feedback objective against the stage, per objective: each controller's mean over seeds, min-max shaded."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+    fig, axes = plt.subplots(1, len(numbers), figsize=(5.5 * len(numbers), 4), squeeze=False)
+    for ax, (objective, controllers) in zip(axes[0], numbers.items()):
+        for controller, runs in controllers.items():
+            curves = [r["curve"] for r in runs if None not in r["curve"]]
+            if not curves:
+                continue
+            length = min(map(len, curves))
+            values = np.array([c[:length] for c in curves], dtype=float)
+            line, = ax.plot(range(length), values.mean(0), marker="o", markersize=3, label=controller)
+            ax.fill_between(range(length), values.min(0), values.max(0), color=line.get_color(), alpha=0.15)
+        ax.set(title=f"{OBJECTIVES[objective]} on the feedback images", xlabel="stage")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def study(runs, out):
+    runs, out = Path(runs), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    numbers = study_numbers(runs)
+    texts = study_tables(numbers, out)
+    study_figure(numbers, out / "controllers_curves.png")
+    (out / "controllers.json").write_text(json.dumps(numbers, indent=1))
+    (out / "controllers.md").write_text("\n".join(texts.values()) + "\n![objective per stage](controllers_curves.png)\n")
+    return texts, numbers
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--runs", default="runs", help="the folder of the run directories (output.root)")
-    parser.add_argument("--out", help="where the tables go (default: <runs>/tables)")
+    parser.add_argument("--study", default="paper", choices=["paper", "controllers"])
+    parser.add_argument("--runs", help="the folder of the run directories (default: runs, or runs/controllers)")
+    parser.add_argument("--out", help="where the tables go (default: runs/tables)")
     args = parser.parse_args(argv)
-    out = Path(args.out or Path(args.runs) / "tables")
-    _, missing = aggregate(args.runs, out)
+    runs = Path(args.runs or ("runs/controllers" if args.study == "controllers" else "runs"))
+    out = Path(args.out or (runs.parent if args.study == "controllers" else runs) / "tables")
+    if args.study == "controllers":
+        study(runs, out)
+        print(f"wrote {out}/controllers.md, controllers_<objective>.md/.csv, controllers.json, controllers_curves.png")
+        return
+    _, missing = aggregate(runs, out)
     print(f"wrote {out}/tables.md and table<k>.md/.csv/.tex" + (f"; {len(missing)} runs missing" if missing else ""))
 
 

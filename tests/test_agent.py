@@ -208,7 +208,7 @@ def test_config_include_and_overrides(tmp_path):
     ("train.stages=three", "train.stages must be int, got 'three'"),
     ("train.stages=2.5", "train.stages must be int"),
     ("agent.per_image=1", "agent.per_image must be bool"),
-    ("agent.backend=gpt", "agent.backend = 'gpt' is not one of: transformers, openai, fixed, random, hillclimb"),
+    ("agent.backend=gpt", "agent.backend = 'gpt' is not one of: transformers, openai, fixed, random, hillclimb, optuna-tpe"),
     ("trainer.stages=3", "expected section.key with section one of: task, model"),
     ("losses.weights=[1.0]", "must be non-empty lists of the same length"),
     ("losses.weights=[1.0, 0.1, 50.0]", "outside [losses.min_weight, losses.max_weight]"),

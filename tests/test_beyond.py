@@ -78,11 +78,14 @@ def test_after_r_retries_the_best_attempt_is_kept(tmp_path, server):
     assert history["parse_total"] == 3 * 2 and stages[4]["weights"] == stages[3]["next_weights"]
 
 
-def test_resume_in_the_middle_of_a_retried_stage(tmp_path, server):
-    values = [10, 5, 12, 13]
-    config = with_experts(tmp_path, [worsening_expert(tmp_path, values)], url=server.url, iters=12, stages=2)
+@pytest.mark.parametrize("backend", ["openai", "random", "hillclimb", "optuna-tpe", "optuna-cmaes"])
+def test_resume_in_the_middle_of_a_retried_stage(tmp_path, server, backend):
+    """Every controller after a rollback and a kill: the resumed run has the uninterrupted run's history, proposals
+    and losses (stage 1 is undone once, then stages 2 and 3 are proposed with the undone attempt in the history)."""
+    values = [10, 5, 12, 13, 14]
+    config = with_experts(tmp_path, [worsening_expert(tmp_path, values)], url=server.url, iters=12, stages=3)
     base = [sys.executable, str(ROOT / "lossagent.py"), "--config", str(config), "--set", f"output.root={tmp_path / 'runs'}",
-            "--set", "reflection.enabled=true"]
+            "--set", "reflection.enabled=true", "--set", f"agent.backend={backend}"]
     whole = subprocess.run(base + ["--set", "output.name=whole"], capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert whole.returncode == 0, whole.stderr[-2000:]
     (tmp_path / "calls").unlink()
@@ -103,8 +106,9 @@ def test_resume_in_the_middle_of_a_retried_stage(tmp_path, server):
     a, b = ([{k: v for k, v in s.items() if k != "memory_mib"} for s in json.loads(path.read_text())["stages"]]
             for path in (tmp_path / "runs" / "whole" / "history.json", run / "history.json"))
     assert a == b  # all but the measured memory
-    assert [(r["stage"], r["attempt"], r["iteration"]) for r in read_jsonl(run / "metrics.jsonl")] == \
-           [(r["stage"], r["attempt"], r["iteration"]) for r in read_jsonl(tmp_path / "runs" / "whole" / "metrics.jsonl")]
+    assert [(r["stage"], r["attempt"], r["iteration"], r["loss"]) for r in read_jsonl(run / "metrics.jsonl")] == \
+           [(r["stage"], r["attempt"], r["iteration"], r["loss"]) for r in read_jsonl(tmp_path / "runs" / "whole" / "metrics.jsonl")]
+    assert [h["stage"] for h in a] == [0, 1, 1, 2, 3] and a[1]["rolled_back"] and a[3]["weights"] != a[1]["weights"]
 
 
 def history(values, weights):
@@ -125,7 +129,10 @@ def evaluated(entries, stage, value, weights, attempt=0, **extra):
     return entries + [{**history([value], [weights])[0], "stage": stage, "attempt": attempt, **extra}]
 
 
-@pytest.mark.parametrize("backend", ["random", "hillclimb"])
+RULES = ["random", "hillclimb", "optuna-tpe", "optuna-cmaes"]
+
+
+@pytest.mark.parametrize("backend", RULES)
 def test_controllers_are_deterministic_and_respect_bounds(backend):
     rule = controller(backend, perturb_scale=0.5, step=0.8)
     rule.cfg.losses.max_weight = 1.0
@@ -171,7 +178,7 @@ def test_hillclimb_after_a_rollback_does_not_repeat_the_undone_move():
 
 
 def test_every_controller_keeps_the_weights_when_the_experts_failed():
-    for backend in ("fixed", "random", "hillclimb"):
+    for backend in ["fixed", *RULES]:
         rule = controller(backend)
         entries = evaluated(history([20.0], [[1.0, 0.1, 0.01]]), 1, 21.0, [1.0, 0.1, 0.01])
         entries[-1].update(scores={}, expert_errors={"PSNR": "crashed"})
