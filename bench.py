@@ -48,6 +48,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import lossagent  # noqa: E402
+from data.pairs import TrainingPairs  # noqa: E402
 from tools.llm import TransformersLLM, shared_start  # noqa: E402
 from tools.configurator import to_toml  # noqa: E402
 
@@ -77,7 +78,7 @@ def sizes(kind):
     small_gan = {"Perceptual": {"pretrained": False}, "GAN": {"num_feat": 16}}
     return {
         "cisr": dict(arch="SwinIR", label="SwinIR small", args=SWINIR_SMALL, batch=2, patch=16,
-                     losses=dict(sr_losses, weights=[1.0, 0.1, 0.01], options=small_gan), feedback_side=64),
+                     losses=dict(sr_losses, weights=[1.0, 0.1, 0.01], options=small_gan), feedback_side=128),
         "risr": dict(arch="SwinIR", label="SwinIR small", args=dict(SWINIR_SMALL, upsampler="nearest+conv"), batch=2,
                      patch=64, degrade_size=100, pool_size=4,
                      losses=dict(sr_losses, weights=[1.0, 1.0, 0.1], options=small_gan), feedback_side=32),
@@ -104,11 +105,11 @@ VARIANTS = {
 ALL = ["off", "sdpa", "bf16", "channels_last", "all on"]
 MODES = {
     "smoke": dict(iters=4, log_every=2, variants={"cisr": ["off", "all on"], "risr": ["off"], "air": ["off"]},
-                  batches=4, prompts=2, tokens=4, unshared=True, constrained=True, phases=True),
+                  batches=4, prompts=2, tokens=4, unshared=True, constrained=True, phases=True, log_calls=20),
     "quick": dict(iters=10, log_every=2, variants={"cisr": ALL, "risr": ["off", "all on"], "air": ["off", "all on"]},
-                  batches=10, prompts=10, tokens=32, unshared=False, constrained=False, phases=False),
+                  batches=10, prompts=10, tokens=32, unshared=False, constrained=False, phases=False, log_calls=200),
     "full": dict(iters=60, log_every=10, variants={"cisr": ALL, "risr": ALL, "air": ALL}, batches=50, prompts=10,
-                 tokens=lossagent.AgentConfig.max_new_tokens, unshared=True, constrained=True, phases=True),
+                 tokens=lossagent.AgentConfig.max_new_tokens, unshared=True, constrained=True, phases=True, log_calls=500),
 }
 STAGE_K = {"cisr": 5000, "risr": 5000, "air": 2500}  # the paper's iterations per stage
 TRAIN_PHOTOS = ["astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "cat", "camera",
@@ -390,10 +391,14 @@ def bench_agent(tasks, data, device, mode, llm, gguf_file, llm_dtype, work):
         except Exception as e:  # offline, pyiqa fails in many ways when a weight file is missing
             result["experts_s"][metric.upper()] = f"skipped: {str(e).splitlines()[0]}"
             continue
-        experts += made
         result["experts_setup_s"][metric.upper()] = seconds
         judge = lambda: lossagent.judge(made, cisr_restored, feedback["cisr"], 1, Path(work))  # noqa: E731
-        judge()  # warm-up
+        with contextlib.redirect_stderr(io.StringIO()):  # a failing expert is reported in the table, not per call
+            _, errors = judge()  # warm-up
+        if errors:  # e.g. NIQE on images under 96 pixels, its block size
+            result["experts_s"][metric.upper()] = f"failed: {next(iter(errors.values())).splitlines()[0][:120]}"
+            continue
+        experts += made
         _, result["experts_s"][metric.upper()] = timed(judge, device)
 
     result["llm"] = bench_llm(tasks, data, experts, cisr_restored, feedback["cisr"], device, mode, llm, gguf_file,
@@ -482,7 +487,7 @@ def stage_fractions(agent, training):
 # Data pipeline: the training loaders alone.
 
 def bench_data(tasks, data, device, batches, workers, work):
-    """The training pairs alone (lossagent.TrainingPairs: the loader, and for RISR the degradation on the device),
+    """The training pairs alone (data.pairs.TrainingPairs: the loader, and for RISR the degradation on the device),
     RISR both as Real-ESRGAN makes them (a larger crop degraded, the pair pool) and with the patch itself degraded."""
     rows = []
     for task, size in tasks.items():
@@ -494,7 +499,7 @@ def bench_data(tasks, data, device, batches, workers, work):
         for label, way in ways:
             cfg = load(task_config(task, way, data, iters=batches, workers=workers, root=work), work)
             count, start = 0, None
-            for _, gt, _ in lossagent.TrainingPairs(cfg, 0, 1, device).stage(1):
+            for _, gt, _ in TrainingPairs(cfg, 0, 1, device).stage(1):
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 if start is None:
@@ -504,6 +509,43 @@ def bench_data(tasks, data, device, batches, workers, work):
             rows.append({"pipeline": task + (f" + degradation on {device.type}{label}" if task == "risr" else ""),
                          "task": task, "num_workers": workers, "batch": size["batch"], "patch": size["patch"],
                          "patches_per_s": count / (time.perf_counter() - start)})
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# Logging: what a logged step costs with metrics.jsonl alone, with TensorBoard, and with W&B too.
+
+def bench_logging(work, training, calls):
+    """tools/runlog.RunLog.iteration on the tensors of a CISR step (total, three terms, four discriminator terms), timed
+    over `calls` steps per logger; then that cost against a training step of the fastest measured CISR variant: every
+    step logged, and one in log_every = 100 (the paper configs')."""
+    from tools.runlog import RunLog
+    ways = [("metrics.jsonl + console", {})]
+    ways += [("+ TensorBoard", {"tensorboard": True})] if importlib.util.find_spec("tensorboard") else []
+    if importlib.util.find_spec("wandb"):
+        os.environ.setdefault("WANDB_SILENT", "true")
+        ways.append(("+ TensorBoard + W&B (offline)", {"tensorboard": True, "wandb": "lossagent-bench"}))
+    speeds = [r["it_per_s"] for r in training if r["task"] == "cisr" and "it_per_s" in r]
+    step_s = 1 / max(speeds) if speeds else None
+    rows, values = [], [torch.tensor(0.1 + 0.01 * k) for k in range(8)]
+    terms, d_terms = dict(zip(["L1", "Perceptual", "GAN"], values[:3])), dict(zip(["D_real", "D_fake", "D_out_real", "D_out_fake"], values[3:7]))
+    for label, settings in ways:
+        cfg = lossagent.Config()
+        cfg.output.name = re.sub("[^a-z0-9]+", "_", label.lower()).strip("_")
+        for key, value in settings.items():
+            setattr(cfg.output, key, value)
+        run_dir = Path(work) / cfg.output.name
+        run_dir.mkdir(parents=True)
+        log = RunLog(cfg, run_dir, 0)
+        with contextlib.redirect_stdout(io.StringIO()):
+            start = time.perf_counter()
+            for k in range(1, calls + 1):
+                log.iteration(1, 0, k, k, 1.0, values[7], terms, {"L1": 1.0, "Perceptual": 0.1, "GAN": 0.01}, d_terms)
+            seconds = (time.perf_counter() - start) / calls
+            log.close()
+        rows.append({"logger": label, "calls": calls, "ms_per_logged_step": 1000 * seconds, "step_s": step_s,
+                     "share_every_step": seconds / step_s if step_s else None,
+                     "share_every_100": seconds / (100 * step_s) if step_s else None})
     return rows
 
 
@@ -580,6 +622,13 @@ def table(report):
             m = r.get("memory_mib")
             cells = [str(m.get(k)) for k in ("train", "feedback", "agent")] if m else [f"failed: {r['error']}", "", ""]
             lines.append(f"| {str(r['offload']).lower()} | " + " | ".join(cells) + " |")
+    if report.get("logging"):
+        step = report["logging"][0]["step_s"]
+        lines += ["", "Logging cost per logged step (tools/runlog.py)" + (f", against a cisr step of {1000 * step:.0f} ms" if step else ""),
+                  "| logger | ms per logged step | share of a step, every step logged | every 100th step |", "|---|---|---|---|"]
+        for r in report["logging"]:
+            shares = [f"{100 * r[k]:.3f}%" if r[k] is not None else "—" for k in ("share_every_step", "share_every_100")]
+            lines.append(f"| {r['logger']} | {r['ms_per_logged_step']:.3f} | {shares[0]} | {shares[1]} |")
     lines += ["", "Data pipeline (the training loaders alone)",
               "| pipeline | workers | batch x patch | patches/s | training images/s (fastest) | headroom |", "|---|---|---|---|---|---|"]
     for r in report["data"]:
@@ -634,6 +683,8 @@ def main(argv=None):
         print("data pipeline ...", flush=True)
         (work / "loaders").mkdir()
         report["data"] = bench_data(tasks, work / "data", device, mode["batches"], workers, work / "loaders")
+        print("logging ...", flush=True)
+        report["logging"] = bench_logging(work / "logging", report["training"], mode["log_calls"])
         report["env"]["load_avg_end"] = list(os.getloadavg())
         report["env"]["total_s"] = time.time() - start
     finally:

@@ -37,34 +37,35 @@ import math
 import os
 import random
 import re
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data.air import AIRDataset
-from data.benchmark import Metric, score
-from data.cisr import CISRDataset
-from data.feedback import load_feedback
-from data.images import SeededItems, StageSampler
-from data.risr import GTCropDataset, RealESRGANPairs
-from losses import build_loss_repository, usm_sharp
-from models import build_network as make_network
-from models import load_pretrained
+from data.benchmark import MEANINGS, Metric, MetricError, score
+from data.feedback import feedback_images
+from data.images import ImageError
+from data.pairs import TrainingPairs
+from losses import build_loss_repository
+from models import build_network as make_network, load_pretrained
 from tools import configurator, doctor, evaluate, report
-from tools.configurator import ConfigError
+from tools.configurator import Above, AtLeast, Below, ConfigError
+from tools.evaluate import BenchmarkConfig, EvalConfig
 from tools.external import ExpertError, ask_person, ask_program, write_images
 from tools.llm import AgentError, OpenAILLM, TransformersLLM
 from tools.report import fmt, peak_memory_mib, weights_text
-from tools.rundir import append_jsonl, truncate_logs, write_atomic
+from tools.runlog import RunLog
+from tools.rundir import (MAY_CHANGE, append_jsonl, changed_settings, keep_stage, lock, read_checkpoint, rng_state,
+                          set_aside, set_rng_state, truncate_logs, write_atomic)
+from tools.validate import expert_name, validate
 
 
 # -----------------------------------------------------------------------------
@@ -90,7 +91,7 @@ class ModelConfig:
 class LossConfig:
     names: list[str] = field(default_factory=lambda: ["L1", "SSIM", "GAN"])  # the loss repository, in prompt order
     weights: list[float] = field(default_factory=lambda: [1.0, 0.1, 0.01])  # initial weights, same order
-    min_weight: float = 0.0  # proposals below this are rejected
+    min_weight: Annotated[float, AtLeast(0)] = 0.0  # proposals below this are rejected
     max_weight: float = 10.0  # proposals above this are rejected as absurd
     options: dict = field(default_factory=dict)  # per-loss tables, e.g. [losses.options.GAN] gan_type = "vanilla"
     sharpen_gt: bool = False  # Real-ESRGAN: USM-sharpened GT for every term but GAN
@@ -98,10 +99,10 @@ class LossConfig:
 
 @dataclass
 class TrainConfig:
-    stages: int = 3  # N, stages of training (the agent is asked after every stage but the last)
-    iters_per_stage: int = 20  # K, iterations per stage
-    batch_size: int = 4  # total batch over all ranks
-    lr: float = 1e-4  # Adam, constant
+    stages: Annotated[int, AtLeast(1)] = 3  # N, stages of training (the agent is asked after every stage but the last)
+    iters_per_stage: Annotated[int, AtLeast(1)] = 20  # K, iterations per stage
+    batch_size: Annotated[int, AtLeast(1)] = 4  # total batch over all ranks
+    lr: Annotated[float, Above(0)] = 1e-4  # Adam, constant
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])  # Adam betas (BasicSR's SwinIR setting)
     seed: int = 0  # network init, data order, fallback perturbations
     device: Literal["auto", "cpu", "cuda"] = "auto"  # cuda = the GPU of LOCAL_RANK
@@ -110,17 +111,17 @@ class TrainConfig:
     compile: bool = False  # torch.compile the network (opt-in: the first iterations pay for the compilation)
     offload: bool = False  # rank 0: the experts' networks and the LLM wait on the CPU while the network trains
     static_graph: bool = True  # DDP: every iteration uses the same parameters, so DDP maps the graph once (false for a dynamic network)
-    ema_decay: float = 0.0  # 0 = no EMA; the SwinIR-GAN setting is 0.999. Feedback uses the EMA network
-    log_every: int = 10  # iterations between console lines and metrics.jsonl records
-    num_workers: int = 2  # DataLoader workers per rank
+    ema_decay: Annotated[float, AtLeast(0), Below(1)] = 0.0  # 0 = no EMA; the SwinIR-GAN setting is 0.999. Feedback uses the EMA network
+    log_every: Annotated[int, AtLeast(1)] = 10  # iterations between console lines and metrics.jsonl records
+    num_workers: Annotated[int, AtLeast(0)] = 2  # DataLoader workers per rank
 
 
 @dataclass
 class DataConfig:
     train: list[str] = field(default_factory=list)  # image sources: folders, .txt lists, skimage:NAME (AIR: clean images to denoise)
-    patch_size: int = 64  # cisr: LR patch; risr: GT patch (256); air: patch (128)
+    patch_size: Annotated[int, AtLeast(1)] = 64  # cisr: LR patch; risr: GT patch (256); air: patch (128)
     degrade_size: int = 0  # risr: the GT crop that is degraded before the patch is cut from it (Real-ESRGAN: 400); 0 = patch_size
-    pool_size: int = 0  # risr: Real-ESRGAN's training-pair pool of degraded pairs per rank (its queue_size, 180); 0 = none
+    pool_size: Annotated[int, AtLeast(0)] = 0  # risr: Real-ESRGAN's training-pair pool of degraded pairs per rank (its queue_size, 180); 0 = none
     jpeg: Literal["diffjpeg", "libjpeg"] = "diffjpeg"  # risr: Real-ESRGAN's DiffJPEG, or libjpeg's integer tables (data/jpeg.py)
     augment: bool = True  # random flips and 90-degree rotations
     derain: str = ""  # air: Rain100L training folder
@@ -131,12 +132,12 @@ class DataConfig:
 @dataclass
 class FeedbackConfig:
     sources: list[str] = field(default_factory=list)  # where the T feedback images come from
-    count: int = 10  # T, feedback images restored and scored after every stage
+    count: Annotated[int, AtLeast(1)] = 10  # T, feedback images restored and scored after every stage
     seed: int = 0  # which T images are drawn (fixed for the whole run)
     degradation: Literal["bicubic", "none", "noise", "realesrgan"] = "bicubic"  # none: real LQ (or pairs with lq_sources)
     sigma: float = 25.0  # noise level for degradation = "noise"
     lq_sources: list[str] = field(default_factory=list)  # degraded inputs paired by name with sources
-    max_side: int = 0  # centre-crop larger feedback images to this side (0 = keep whole)
+    max_side: Annotated[int, AtLeast(0)] = 0  # centre-crop larger feedback images to this side (0 = keep whole)
 
 
 @dataclass
@@ -169,10 +170,10 @@ class AgentConfig:
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # transformers weights dtype
     base_url: str = ""  # openai: server URL ending in /v1; "" = $OPENAI_BASE_URL
     api_key: str = ""  # openai: "" = $OPENAI_API_KEY
-    timeout: float = 120.0  # openai: seconds per request
-    retries: int = 3  # openai: extra tries per request, with exponential backoff
-    concurrency: int = 8  # openai: requests in flight at once
-    max_new_tokens: int = 96  # reply length limit
+    timeout: Annotated[float, Above(0)] = 120.0  # openai: seconds per request
+    retries: Annotated[int, AtLeast(0)] = 3  # openai: extra tries per request, with exponential backoff
+    concurrency: Annotated[int, AtLeast(1)] = 8  # openai: requests in flight at once
+    max_new_tokens: Annotated[int, AtLeast(1)] = 96  # reply length limit
     temperature: float = 0.7  # sampling temperature
     top_p: float = 0.9  # nucleus sampling
     do_sample: bool = True  # false = greedy (deterministic)
@@ -182,35 +183,19 @@ class AgentConfig:
     direction_sentence: bool = True  # ablation switch: say whether lower or higher scores are better
     format_example: bool = True  # ablation switch: show an example reply
     fallback: Literal["keep", "perturb"] = "keep"  # when no reply parses: keep or perturb the previous weights
-    perturb_scale: float = 0.1  # relative size of the fallback's (and the random controller's) random change
+    perturb_scale: Annotated[float, AtLeast(0), Below(1)] = 0.1  # relative size of the fallback's (and the random controller's) random change
     constrained: bool = False  # guarantee a well-formed Weights line: constrained decoding, or vLLM's guided_regex
     share_prefix: bool = True  # transformers: the start all prompts of a stage share (system part) is read once, not T times
-    step: float = 0.3  # hillclimb: first relative step of a weight (halved at every reversal)
+    step: Annotated[float, Above(0)] = 0.3  # hillclimb: first relative step of a weight (halved at every reversal)
+    sampler: dict = field(default_factory=dict)  # optuna-*: keyword arguments of Optuna's TPESampler / CmaEsSampler
     experience: list[str] = field(default_factory=list)  # experience.json files of earlier runs, shown in the system part
-
-
-@dataclass
-class BenchmarkConfig:
-    name: str = "Set5"  # a set of data/benchmark.py's BENCHMARKS (Set5, BSD68, SOTS, ...) or any label
-    kind: Literal["", "sr_bicubic", "noref", "denoise", "pairs"] = ""  # "" = known from the name
-    gt: str = ""  # ground-truth folder
-    lq: str = ""  # degraded-input folder (noref and pairs sets; optional for sr_bicubic)
-    sigma: float = 0.0  # denoise: noise level (BSD68 at 15, 25, 50 = three tables)
-
-
-@dataclass
-class EvalConfig:
-    metrics: list[str] = field(default_factory=lambda: ["psnr", "ssim"])  # psnr/ssim (BasicSR protocol) and any pyiqa metric
-    tile: int = 0  # tiled inference tile size in input pixels (0 = whole image)
-    tile_overlap: int = 32  # overlap between tiles
-    seed: int = 0  # noise seed of denoising sets
 
 
 @dataclass
 class ReflectionConfig:
     enabled: bool = False  # undo a stage that made the objective worse, and ask the agent again
-    tolerance: float = 0.0  # relative worsening of any score expert (or drop of the fused score) that is tolerated
-    retries: int = 2  # R: at most this many retries of a stage; then its best attempt is kept
+    tolerance: Annotated[float, AtLeast(0)] = 0.0  # relative worsening of any score expert (or drop of the fused score) that is tolerated
+    retries: Annotated[int, AtLeast(0)] = 2  # R: at most this many retries of a stage; then its best attempt is kept
 
 
 @dataclass
@@ -218,6 +203,9 @@ class OutputConfig:
     root: str = "runs"  # parent folder of run directories
     name: str = ""  # run directory name; "" = the config file's stem
     stage_checkpoints: bool = True  # keep ckpt/stage_<i>.pt besides ckpt/last.pt
+    tensorboard: bool = False  # also log to TensorBoard, in runs/<name>/tb/
+    wandb: str = ""  # also log to Weights & Biases, in this project ("" = off; needs pip install wandb)
+    wandb_mode: Literal["offline", "online"] = "offline"  # offline works without internet: `wandb sync` uploads later
 
 
 @dataclass
@@ -238,151 +226,25 @@ class Config:
 
 
 def load_config(path, overrides=()):
-    """The run's Config from a TOML file and `--set` overrides (tools/configurator.py), checked as a whole."""
+    """The Config from a TOML file and `--set` overrides, checked (tools/configurator.py, tools/validate.py)."""
     cfg = configurator.load(Config, path, overrides)
     cfg.output.name = cfg.output.name or Path(path).stem
     validate(cfg)
     return cfg
 
 
-def validate(cfg):
-    """Cross-field checks, so that a bad setting fails before anything is built."""
-    if len(cfg.losses.names) != len(cfg.losses.weights) or not cfg.losses.names:
-        raise ConfigError(f"losses.names {cfg.losses.names} and losses.weights {cfg.losses.weights} "
-                          "must be non-empty lists of the same length")
-    if len(set(cfg.losses.names)) != len(cfg.losses.names):
-        raise ConfigError(f"losses.names has a repeated name: {cfg.losses.names}")
-    for name, w in zip(cfg.losses.names, cfg.losses.weights):
-        if not cfg.losses.min_weight <= w <= cfg.losses.max_weight:
-            raise ConfigError(f"initial weight {name} = {w} is outside [losses.min_weight, losses.max_weight]")
-    if not cfg.experts:
-        raise ConfigError("at least one [[experts]] table is needed: the agent steers towards its score")
-    for i, e in enumerate(cfg.experts):
-        if e.kind == "pyiqa" and e.output != "score":
-            raise ConfigError(f"experts.{i}.output = '{e.output}': a pyiqa metric gives scores")
-        if e.kind == "command" and not (e.command and e.name):
-            raise ConfigError(f"experts.{i}: a command expert needs `command` (program and arguments) and a `name`")
-        if e.kind != "pyiqa" and e.output == "score" and not e.direction:
-            raise ConfigError(f"experts.{i}: say whether a lower or higher {e.kind} score is better (direction)")
-        if e.range and len(e.range) != 2:
-            raise ConfigError(f"experts.{i}.range must be [low, high]")
-    if len({expert_name(e) for e in cfg.experts}) != len(cfg.experts):
-        raise ConfigError("two experts have the same name: give each a distinct `name`")
-    if cfg.train.stages < 1 or cfg.train.iters_per_stage < 1 or cfg.feedback.count < 1:
-        raise ConfigError("train.stages, train.iters_per_stage and feedback.count must be at least 1")
-    if cfg.agent.backend in ("transformers", "openai") and not cfg.agent.model:
-        raise ConfigError(f"agent.model is empty: name the LLM for the {cfg.agent.backend} backend")
-    d, scale = cfg.data, cfg.task.scale
-    if cfg.task.name == "risr" and (d.patch_size % scale or d.degrade_size and (d.degrade_size < d.patch_size
-                                                                                 or d.degrade_size % scale)):
-        raise ConfigError(f"data.patch_size = {d.patch_size} and data.degrade_size = {d.degrade_size} must be multiples "
-                          f"of task.scale = {scale}, and the degraded crop at least as large as the patch")
-    if cfg.agent.backend.startswith("optuna") and not any(e.kind == "pyiqa" or e.output == "score" for e in cfg.experts):
-        raise ConfigError(f"agent.backend = '{cfg.agent.backend}' needs a score expert: an optimizer cannot read text")
-    if cfg.reflection.enabled and cfg.agent.backend == "fixed":
-        raise ConfigError("reflection with agent.backend = 'fixed' would train the undone stage again bit for bit "
-                          "(same weights, data and random numbers): use another backend or switch reflection off")
-
-
 # -----------------------------------------------------------------------------
-# Data: the training pairs of each task, and the T fixed feedback images (Eq. 4 of the paper).
-
-def stage_seed(seed, stage, rank):
-    """A well-mixed seed for one (run seed, stage, rank): reproducible across processes and resumes."""
-    return int(np.random.SeedSequence([seed, stage, rank]).generate_state(1)[0])
-
-
-class TrainingPairs:
-    """The training batches of one rank, stage by stage: (lq, gt, sharpened gt or None) on the training device.
-    CISR and AIR read their pairs from the loader; RISR degrades its GT crops on the device, as Real-ESRGAN does
-    (the sharpened GT degraded, the patch cut after, the pair pool: data.risr.RealESRGANPairs).
-    The loader lives as long as the run (its workers and their image caches persist), and every stage's patches
-    depend only on (seed, stage, rank), so a resumed stage sees what an uninterrupted one saw."""
-
-    def __init__(self, cfg, rank, world, device):
-        d, task = cfg.data, cfg.task.name
-        if task == "cisr":
-            dataset = CISRDataset(d.train, scale=cfg.task.scale, lr_patch=d.patch_size, augment=d.augment)
-        elif task == "risr":
-            dataset = GTCropDataset(d.train, crop=d.degrade_size or d.patch_size, augment=d.augment)
-        else:
-            dataset = AIRDataset(d.train, derain_dir=d.derain or None, dehaze_dir=d.dehaze or None,
-                                 patch=d.patch_size, sigmas=tuple(d.sigmas), augment=d.augment)
-        per_rank = cfg.train.batch_size // world
-        # Its own generator: the loader draws its workers' base seed from it at every new iteration, which must not
-        # consume the training RNG (drop path). The patches themselves are seeded item by item (SeededItems).
-        self.loader = torch.utils.data.DataLoader(
-            SeededItems(dataset), batch_size=per_rank, drop_last=True,
-            sampler=StageSampler(len(dataset), cfg.train.iters_per_stage * per_rank),
-            num_workers=cfg.train.num_workers, pin_memory=torch.cuda.is_available(),
-            persistent_workers=cfg.train.num_workers > 0, generator=torch.Generator())
-        if task == "risr" and d.pool_size % per_rank:
-            raise ConfigError(f"data.pool_size = {d.pool_size} must be a multiple of the batch per rank ({per_rank})")
-        self.degradation = RealESRGANPairs(cfg.task.scale, d.patch_size, d.pool_size, d.jpeg) if task == "risr" else None
-        self.seed, self.rank, self.device = cfg.train.seed, rank, device
-        self.sharpen, self.channels_last = cfg.losses.sharpen_gt, cfg.train.channels_last
-
-    def stage(self, stage):
-        seed = stage_seed(self.seed, stage, self.rank)
-        self.loader.sampler.reseed(seed)
-        # The degradation draws its sizes and branches from this CPU generator (reading those never waits for the
-        # GPU), seeded like the loader.
-        generator = torch.Generator().manual_seed(seed)
-        for batch in self.loader:
-            gt = batch["gt"].to(self.device, non_blocking=True)
-            if self.degradation:
-                lq, gt = self.degradation(gt, generator)
-            else:
-                lq = batch["lq"].to(self.device, non_blocking=True)
-            if self.channels_last:
-                lq = lq.contiguous(memory_format=torch.channels_last)
-            yield lq, gt, usm_sharp(gt) if self.sharpen else None
-
-    def state_dict(self):
-        """The pairs' own state (RISR's pair pool), which must survive a resume and a rollback."""
-        pool = self.degradation.pool if self.degradation else None
-        return {"pool": pool.state_dict() if pool else None}
-
-    def load_state_dict(self, state):
-        if state and state["pool"] is not None:
-            self.degradation.pool.load_state_dict(state["pool"], self.device)
-
-
-def load_feedback_images(cfg):
-    """The T feedback images {"name", "lq", "gt" or None}, the same at every stage and in every rerun."""
-    f = cfg.feedback
-    feedback = load_feedback(f.sources, f.count, f.seed, f.degradation, scale=cfg.task.scale, sigma=f.sigma,
-                             lq_sources=f.lq_sources or None, max_side=f.max_side or None)
-    if len(feedback) < f.count:
-        raise ConfigError(f"feedback.count = {f.count} but feedback.sources hold only {len(feedback)} images")
-    return feedback
-
+# Data: the training pairs of each task (data/pairs.py: TrainingPairs, (lq, gt, sharpened gt) batches on the
+# training device, stage by stage), and the T fixed feedback images (Eq. 4 of the paper).
 
 # -----------------------------------------------------------------------------
 # Experts: judge the restored feedback images. Each is created once and reused every stage.
-
-METRIC_MEANINGS = {
-    "psnr": "PSNR, the fidelity to the ground-truth image in dB",
-    "ssim": "SSIM, the structural similarity to the ground-truth image (0 to 1)",
-    "lpips": "LPIPS, the perceptual distance to the ground-truth image",
-    "niqe": "NIQE, a no-reference score of how far the image statistics are from natural images",
-    "maniqa": "MANIQA, a learned no-reference perceptual quality score (0 to 1)",
-    "clipiqa": "CLIP-IQA, a no-reference quality score from a vision-language model (0 to 1)",
-    "musiq": "MUSIQ, a learned no-reference quality score (0 to 100)",
-    "qalign": "Q-Align, a quality rating by a multimodal LLM (1 = bad to 5 = excellent)",
-}
-
-
-def expert_name(e):
-    return e.name or (e.metric.upper() if e.kind == "pyiqa" else "Human")
-
 
 @dataclass
 class Expert:
     name: str  # as shown to the LLM
     lower_better: bool | None  # None for text experts
     meaning: str
-    kind: str = "pyiqa"  # pyiqa | command | human
     text: bool = False  # writes a description per image instead of a score
     full_reference: bool = False  # needs the ground truth
     score_range: tuple | None = None  # (low, high), to normalise the score for fusion
@@ -396,8 +258,8 @@ def make_experts(cfgs, device, download=True):
     experts = []
     for e in cfgs:
         name, text = expert_name(e), e.kind != "pyiqa" and e.output == "text"
-        meaning = e.meaning or METRIC_MEANINGS.get(e.metric.lower() if e.kind == "pyiqa" else "", "")
-        expert = Expert(name, None if text else e.direction == "lower", meaning, e.kind, text,
+        meaning = e.meaning or MEANINGS.get(e.metric.lower() if e.kind == "pyiqa" else "", "")
+        expert = Expert(name, None if text else e.direction == "lower", meaning, text,
                         score_range=tuple(e.range) or None, cfg=e)
         if e.kind == "pyiqa":
             try:
@@ -417,25 +279,38 @@ def make_experts(cfgs, device, download=True):
 @torch.no_grad()
 def restore_feedback(net, feedback, device, autocast):
     net.eval()
-    with autocast:
-        out = [net(item["lq"].to(device)).float().clamp(0, 1).cpu() for item in feedback]
+    out = []
+    for item in feedback:
+        try:
+            with autocast:
+                out.append(net(item["lq"].to(device)).float().clamp(0, 1).cpu())
+        except RuntimeError as e:  # a shape the network cannot take: the same at every stage, so a setting to fix
+            if isinstance(e, torch.cuda.OutOfMemoryError):
+                raise
+            size = "x".join(map(str, item["lq"].shape[-2:]))
+            raise ConfigError(f"the network cannot restore the feedback image {item['name']} ({size} pixels): "
+                              f"{str(e).splitlines()[0]}") from None
     net.train()
     return out
 
 
 def judge(experts, restored, feedback, stage, run_dir):
     """Judges the restored images [1,3,H,W]. Returns ({expert: {"per_image": [T], "mean"}} (text experts:
-    per_image descriptions, no mean), {expert: error} for the experts that failed)."""
+    per_image descriptions, no mean), {expert: error} for the experts that failed). A metric that cannot score the
+    feedback images before training (stage 0) never will: that is a setting to fix, and stops the run."""
     scores, errors = {}, {}
     for e in experts:
         try:
-            if e.kind == "pyiqa":
-                values = score(e.metric, restored, [item["gt"] for item in feedback] if e.full_reference else None)
-            elif e.kind == "command":
+            if e.cfg.kind == "pyiqa":
+                values = score(e.metric, restored, [item["gt"] for item in feedback] if e.full_reference else None,
+                               [item["name"] for item in feedback])
+            elif e.cfg.kind == "command":
                 values = ask_program(e.cfg.command, e.cfg.timeout, restored, feedback, e.text)
             else:
                 values = ask_person(e.name, e.cfg.timeout, restored, feedback, e.text, stage, run_dir)
-        except ExpertError as err:
+        except (ExpertError, MetricError) as err:
+            if stage == 0 and isinstance(err, MetricError):
+                raise ConfigError(f"expert {e.name}: {err}") from None
             errors[e.name] = str(err)
             print(f"expert {e.name} failed at stage {stage}: {err}", file=sys.stderr, flush=True)
             continue
@@ -443,21 +318,19 @@ def judge(experts, restored, feedback, stage, run_dir):
     return scores, errors
 
 
-def judge_stage(cfg, experts, net, feedback, stage, run_dir, device, autocast):
+def judge_stage(cfg, experts, net, feedback, stage, run_dir, device, home, autocast):
     """The feedback phase: restore the feedback images, keep them (runs/<name>/feedback/stage_<i>/), let every
-    expert judge them. Returns the stage's history fields, with this phase's peak memory."""
-    if cfg.train.offload:
-        move_experts_and_llm(experts, None, device)
-    restored = restore_feedback(net, feedback, device, autocast)
-    write_images(run_dir / "feedback" / f"stage_{stage}", restored, feedback, with_gt=False)
+    expert judge them, and draw them with their scores (sheet.png there). Returns the stage's history fields, with
+    this phase's peak memory."""
+    move_experts_and_llm(experts, None, device)
+    restored, folder = restore_feedback(net, feedback, device, autocast), run_dir / "feedback" / f"stage_{stage}"
+    write_images(folder, restored, feedback, with_gt=False)
     scores, errors = judge(experts, restored, feedback, stage, run_dir)
-    entry = {"scores": scores}
-    if errors:
-        entry["expert_errors"] = errors
+    report.write_sheet(folder / "sheet.png", feedback, restored, scores)
+    entry = {"scores": scores, **({"expert_errors": errors} if errors else {})}
     if cfg.fusion.enabled:
         entry["fused"] = fused_score(experts, scores, cfg.fusion)
-    if cfg.train.offload:
-        move_experts_and_llm(experts, None, torch.device("cpu"))
+    move_experts_and_llm(experts, None, home)  # back to the CPU with train.offload
     return entry, peak_memory_mib(device)
 
 
@@ -483,8 +356,8 @@ def move_experts_and_llm(experts, controller, device):
     for e in experts:
         if e.metric is not None:
             e.metric.to(device)
-    if controller is not None:
-        controller.to(device)
+    if isinstance(controller, LLMAgent):
+        controller.llm.to(device)
     if device.type == "cpu" and torch.cuda.is_available():
         torch.cuda.empty_cache()  # hand the freed blocks back, so nvidia-smi shows what training can use
 
@@ -581,15 +454,11 @@ def build_messages(cfg, names, experts, history, image=None, experience=()):
 
 class Controller:
     """propose(history, weights, stage, attempt) -> (weights, record, logs). `history` ends with the evaluation just
-    made (`stage`, `attempt`); `weights` are those the run goes on from; `record` goes into that history entry, and
-    `logs` are its lines in agent.jsonl. A stage whose experts failed gets the fallback (agent.fallback), since its
-    feedback is incomplete."""
+    made (`stage`, `attempt`); `weights` are those the run goes on from; `record` goes into that history entry, `logs`
+    into agent.jsonl. A stage whose experts failed gets the fallback (agent.fallback): its feedback is incomplete."""
 
     def __init__(self, cfg, experts):
         self.cfg, self.experts, self.names = cfg, experts, cfg.losses.names
-
-    def to(self, device):
-        pass
 
     def propose(self, history, weights, stage, attempt):
         errors = history[-1].get("expert_errors")
@@ -609,51 +478,85 @@ class Controller:
         return new, {"controller": state, "next_weights": dict(zip(self.names, new))}, [log]
 
 
-NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?|[-+]?(?:nan|inf(?:inity)?)"
-RATIO = rf"(?:{NUMBER})(?:\s*:\s*(?:{NUMBER}))*"
+# A number (nan and inf too: a proposal with them is invalid, not absent); numbers x:y:z; ':' or '=' between spaces;
+# a line that labels weights ("Weights: ...", "- New weights: ...", "1. Weights ..."); the end of a 'Weights' label.
+NUMBER = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?|[-+]?(?:nan|inf(?:inity)?)"
+RATIO = re.compile(rf"(?:{NUMBER})(?:\s*:\s*(?:{NUMBER}))*", re.I)
+SEPARATOR = re.compile(r"\s*[:=]\s*")
+WEIGHTS_LINE = re.compile(r"[ \t]*(?:[-+*|]|\d+[.)])?[ \t]*(?:weights?\b|(?:[a-z]+[ \t]+){1,3}weights?[ \t]*[:=])", re.I)
+LABEL = re.compile(r"[ \t]*(?:[:=]|\n)\s*")
 
 
 def parse_weights(reply, names, min_weight=0.0, max_weight=10.0):
     """Finds the weight proposal in an LLM reply and returns it in the order of `names`, or None.
 
-    Accepts `Weights: L1:Perceptual:GAN=0.7:0.3:0.05` anywhere in the reply (any case, spaces, markdown
-    emphasis, names in any order), `Weights: 0.7:0.3:0.05`, and `L1=0.7, Perceptual=0.3, GAN=0.05`.
-    A proposal on a line starting with 'Weights' wins over one elsewhere; the first valid one is taken.
-    Invalid: wrong count, unknown names, nan/inf, values outside [min_weight, max_weight], all zero.
-    Only regular expressions are applied: the reply is never evaluated."""
+    Accepts `Weights: L1:Perceptual:GAN=0.7:0.3:0.05` anywhere in the reply (any case, spaces, markdown, names in
+    any order), `Weights: 0.7:0.3:0.05`, and `L1=0.7, Perceptual=0.3, GAN=0.05` (on one line, or alone in the reply).
+    A labelled proposal (on a line that labels weights, or right after a 'Weights:' label) wins over one that is not,
+    such as an echo of the history; among equals the first valid one is taken. Invalid: wrong count, unknown names,
+    nan/inf, values outside [min_weight, max_weight], all zero. Only where a name or 'weights' stands is read, each
+    place once, by patterns that never backtrack far: linear time, whatever the reply holds. It is never evaluated."""
     if not isinstance(reply, str):
         return None
     text = re.sub(r"[*_`#>]", " ", reply)
     lower = [n.lower() for n in names]
-    name_alt = "|".join(re.escape(n) for n in sorted(names, key=len, reverse=True))
-    candidates = []  # (position, the names in the reply's order, the values in that order)
-    for m in re.finditer(rf"((?:{name_alt})(?:\s*:\s*(?:{name_alt}))*)\s*[=:]\s*({RATIO})", text, re.I):
-        order = [s.strip().lower() for s in m.group(1).split(":")]
-        values = [s.strip() for s in m.group(2).split(":")]
-        candidates.append((m.start(), order, values))
-    for m in re.finditer(rf"weights?\s*[:=]\s*({RATIO})", text, re.I):
-        values = [s.strip() for s in m.group(1).split(":")]
-        candidates.append((m.start(), lower, values))
-    pairs = re.findall(rf"\b({name_alt})\s*[=:]\s*({NUMBER})(?![\d.:])", text, re.I)
-    if len(pairs) == len(names) and len({p[0].lower() for p in pairs}) == len(names):
-        candidates.append((len(text), [p[0].lower() for p in pairs], [p[1] for p in pairs]))
-    line_starts = [0] + [m.end() for m in re.finditer(r"\n", text)]
+    word = "(?:" + "|".join(re.escape(n) for n in sorted(lower, key=len, reverse=True)) + ")(?![a-z0-9])"
+    anchor = re.compile(rf"(?<![a-z0-9])(?:({word})|weights?(?![a-z0-9]))", re.I)
+    chain = re.compile(rf"(?:\s*:\s*{word})*", re.I)  # the rest of a chain A:B:C after its first name
+    best, used, line, last, label_end, labels = None, 0, 0, 0, -1, {}  # used: where the last chain read ends
+    everywhere, row = [], {"line": -1, "pos": 0, "pairs": {}, "twice": False}  # name=x pairs: all, and this line's
 
-    def on_weights_line(pos):
-        start = max(s for s in line_starts if s <= pos)
-        return re.match(r"\s*weights?\b", text[start:], re.I) is not None
+    def numbers(pos):  # the numbers x:y:z after a ':' or '=' at pos, and the position after them; or None
+        separator = SEPARATOR.match(text, pos)
+        m = separator and RATIO.match(text, separator.end())
+        return (re.findall(NUMBER, m.group(), re.I), m.end()) if m else None
 
-    for _, order, values in sorted(candidates, key=lambda c: (not on_weights_line(c[0]), c[0])):
-        if len(order) != len(names) or sorted(order) != sorted(lower) or len(values) != len(names):
-            continue
-        try:
-            by_name = {n: float(v) for n, v in zip(order, values)}
-        except ValueError:
-            continue
+    def offer(labelled, pos, order, values):
+        nonlocal best
+        if len(order) != len(names) or len(values) != len(names) or sorted(order) != sorted(lower):
+            return
+        by_name = {n: float(v) for n, v in zip(order, values)}
         weights = [by_name[n] for n in lower]
-        if all(math.isfinite(w) and min_weight <= w <= max_weight for w in weights) and any(w > 0 for w in weights):
-            return weights
-    return None
+        ok = all(math.isfinite(w) and min_weight <= w <= max_weight for w in weights) and any(w > 0 for w in weights)
+        if ok and (best is None or (not labelled, pos) < best[0]):
+            best = ((not labelled, pos), weights)
+
+    def labelled(start):
+        if start not in labels:
+            labels[start] = WEIGHTS_LINE.match(text, start) is not None
+        return labels[start]
+
+    def close_row():  # a line's pairs name every loss once: a proposal
+        if row["pairs"] and not row["twice"]:
+            offer(labelled(row["line"]), row["pos"], list(row["pairs"]), list(row["pairs"].values()))
+
+    for m in anchor.finditer(text):
+        newline = text.rfind("\n", last, m.start())  # the line of m, looking back no further than the anchor before
+        line, last = newline + 1 if newline >= 0 else line, m.start()
+        if m.start() < used:
+            continue  # inside a chain already read
+        name = m.group(1) and m.group(1).lower()
+        end = chain.match(text, m.end()).end() if name else m.end()
+        order = [name, *(n.lower() for n in re.findall(word, text[m.end():end], re.I))] if name else lower
+        found = numbers(end)
+        used = found[1] if found else end
+        if found:
+            offer(not name or labelled(line) or m.start() == label_end, m.start(), order, found[0])
+        elif not name and (label := LABEL.match(text, m.end())):
+            label_end = label.end()  # 'Weights:' before a chain of names: that chain is labelled
+        after = text[used:used + 2]  # a single number x is a pair name=x unless a digit, ':' or '.5' goes on
+        if name and found and len(found[0]) == 1 and not (after[:1].isdigit() or after[:1] == ":"
+                                                          or after[:1] == "." and after[1:].isdigit()):
+            if row["line"] != line:
+                close_row()
+                row.update(line=line, pos=m.start(), pairs={}, twice=False)
+            row["twice"] |= order[-1] in row["pairs"]
+            row["pairs"][order[-1]] = found[0][0]
+            everywhere.append((order[-1], found[0][0]))
+    close_row()
+    if best is None and len({p[0] for p in everywhere}) == len(everywhere):  # pairs across lines, each name once
+        offer(False, len(text), [p[0] for p in everywhere], [p[1] for p in everywhere])
+    return best and best[1]
 
 
 def average_proposals(proposals):
@@ -668,9 +571,6 @@ class LLMAgent(Controller):
     def __init__(self, cfg, experts, llm, experience):
         super().__init__(cfg, experts)
         self.llm, self.experience = llm, experience
-
-    def to(self, device):
-        self.llm.to(device)
 
     def choose(self, history, weights, stage, attempt):
         a, names = self.cfg.agent, self.names
@@ -705,6 +605,15 @@ def perturb(cfg, weights, stage, attempt):
     rng = np.random.default_rng([cfg.train.seed, stage, attempt])
     s = cfg.agent.perturb_scale
     return [float(np.clip(w * (1 + rng.uniform(-s, s)), cfg.losses.min_weight, cfg.losses.max_weight)) for w in weights]
+
+
+def objective_change(cfg, experts, before, after, worst=False):
+    """How much better `after` is than `before` (> 0: better): the fused score's rise when fusion is on, else the
+    score experts' relative changes, their mean (HillClimb) or, with `worst`, the worst of them (reflection)."""
+    if cfg.fusion.enabled and before.get("fused") is not None and after.get("fused") is not None:
+        return after["fused"] - before["fused"]
+    changed = list(objective_changes(experts, before, after).values())
+    return min(changed, default=0.0) if worst else float(np.mean(changed or [0.0]))
 
 
 def objective_changes(experts, before, after):
@@ -750,11 +659,7 @@ class HillClimb(Controller):
             if state is None:
                 state = {"index": movable[0], "direction": 1, "step": cfg.agent.step, "reversals": 0}
             elif before is not None:
-                if cfg.fusion.enabled and entry.get("fused") is not None and before.get("fused") is not None:
-                    change = entry["fused"] - before["fused"]
-                else:
-                    change = float(np.mean(list(objective_changes(self.experts, before, entry).values()) or [0.0]))
-                if change <= 0:
+                if objective_change(cfg, self.experts, before, entry) <= 0:
                     i = state["index"]
                     start[i] = before["weights"][self.names[i]]  # undo the move that did not help
                     state = dict(state, direction=-state["direction"], step=state["step"] / 2,
@@ -770,21 +675,31 @@ class HillClimb(Controller):
 
 class OptunaSearch(Controller):
     """A black-box optimizer at the same budget (Optuna's ask/tell; agent.backend optuna-tpe or optuna-cmaes): each
-    stage is one trial. Its weights are asked in the box [losses.min_weight, losses.max_weight] per loss, log-uniform
-    when min_weight > 0 (weights span decades) and uniform otherwise (a log scale cannot reach 0); its value is what
-    the experts said after it: one score expert's mean in that expert's direction, or the fused score of several.
-    Weights the optimizer did not ask for (the initial ones, a fallback's) are told as given trials. The study is
-    replayed from the history at every call, with the sampler seeded by agent.seed."""
+    stage is one trial, asked in the box [losses.min_weight, losses.max_weight] per loss, log-uniform when min_weight
+    > 0 (weights span decades) and uniform otherwise (a log scale cannot reach 0), and told what the experts said after
+    it: one score expert's mean in its direction, or the fused score of several. Weights it did not ask for (the
+    initial ones, a fallback's) are told as given trials; CMA-ES starts at the initial weights. The study is replayed
+    from the history at every call."""
 
     def __init__(self, cfg, experts):
         super().__init__(cfg, experts)
         needed = ["optuna", "cmaes"] if cfg.agent.backend == "optuna-cmaes" else ["optuna"]  # Optuna's CMA-ES needs cmaes
-        missing = [m for m in needed if importlib.util.find_spec(m) is None]
-        if missing:
-            raise ConfigError(f"agent.backend = '{cfg.agent.backend}' needs {' and '.join(missing)}: pip install {' '.join(needed)}")
-        import optuna
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        self.optuna = optuna
+        if any(importlib.util.find_spec(m) is None for m in needed):
+            raise ConfigError(f"agent.backend = '{cfg.agent.backend}' needs pip install {' '.join(needed)}")
+        self.optuna = importlib.import_module("optuna")  # only for this controller
+        self.optuna.logging.set_verbosity(self.optuna.logging.WARNING)  # not a line per trial at every replay
+        # Sized for a run's stages - 1 trials: Optuna's defaults (TPE: 10 random trials first; CMA-ES: generations of
+        # 4 + 3 ln(losses)) would leave the paper's 10 stages random. agent.sampler overrides them.
+        self.options = {**({"n_startup_trials": 3} if cfg.agent.backend == "optuna-tpe" else {"popsize": 4}), **cfg.agent.sampler}
+        try:
+            self.sampler(dict(zip(self.names, cfg.losses.weights)))
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"agent.sampler: {e}; give keyword arguments of Optuna's sampler") from None
+
+    def sampler(self, initial):
+        if self.cfg.agent.backend == "optuna-tpe":
+            return self.optuna.samplers.TPESampler(seed=self.cfg.agent.seed, **self.options)
+        return self.optuna.samplers.CmaEsSampler(x0=initial, seed=self.cfg.agent.seed, warn_independent_sampling=False, **self.options)
 
     def choose(self, history, weights, stage, attempt):
         optuna = self.optuna
@@ -792,17 +707,13 @@ class OptunaSearch(Controller):
         space = {n: optuna.distributions.FloatDistribution(low, high, log=low > 0) for n in names}
         scored = [e for e in self.experts if not e.text]
         single = scored[0] if len(scored) == 1 else None
-        if cfg.agent.backend == "optuna-tpe":
-            sampler = optuna.samplers.TPESampler(seed=cfg.agent.seed)
-        else:  # CMA-ES starts at the initial weights
-            sampler = optuna.samplers.CmaEsSampler(x0=history[0]["weights"], seed=cfg.agent.seed,
-                                                   warn_independent_sampling=False)
-        study = optuna.create_study(sampler=sampler, direction="minimize" if single and single.lower_better else "maximize")
+        study = optuna.create_study(sampler=self.sampler(history[0]["weights"]),
+                                    direction="minimize" if single and single.lower_better else "maximize")
         for k, entry in enumerate(history):
             if entry["stage"] == 0:
                 continue
-            value = (entry["scores"].get(single.name, {}).get("mean") if single
-                     else fused_score(self.experts, entry["scores"], cfg.fusion))
+            value = (None if entry.get("expert_errors") else entry["scores"][single.name]["mean"] if single
+                     else fused_score(self.experts, entry["scores"], cfg.fusion))  # an incomplete verdict: a failed trial
             if history[k - 1].get("next_weights") and not history[k - 1].get("fallback"):  # weights it asked for
                 trial = study.ask(space)
                 study.tell(trial, value, state=None if value is not None else optuna.trial.TrialState.FAIL)
@@ -814,17 +725,12 @@ class OptunaSearch(Controller):
 
 
 def make_controller(cfg, experts, device):
-    backend = cfg.agent.backend
-    if backend == "fixed":
-        return FixedWeights(cfg, experts)
-    if backend == "random":
-        return RandomWeights(cfg, experts)
-    if backend == "hillclimb":
-        return HillClimb(cfg, experts)
-    if backend.startswith("optuna"):
-        return OptunaSearch(cfg, experts)
+    rule = {"fixed": FixedWeights, "random": RandomWeights, "hillclimb": HillClimb, "optuna-tpe": OptunaSearch,
+            "optuna-cmaes": OptunaSearch}.get(cfg.agent.backend)
+    if rule:
+        return rule(cfg, experts)
     names, low, high = cfg.losses.names, cfg.losses.min_weight, cfg.losses.max_weight
-    llm = TransformersLLM(cfg.agent, device, names, low, high) if backend == "transformers" else OpenAILLM(cfg.agent, names)
+    llm = TransformersLLM(cfg.agent, device, names, low, high) if cfg.agent.backend == "transformers" else OpenAILLM(cfg.agent, names)
     experience = [json.loads(Path(p).read_text())["text"] for p in cfg.agent.experience]
     return LLMAgent(cfg, experts, llm, experience)
 
@@ -835,10 +741,8 @@ def reflect(cfg, experts, history, stage, attempt):
     before = next(h for h in reversed(history) if h["stage"] < stage and not h.get("rolled_back"))
     attempts = [h for h in history if h["stage"] == stage]
 
-    def change(after):  # > 0 is better: the fused score's rise, else the worst relative change of a score expert
-        if cfg.fusion.enabled and before.get("fused") is not None and after.get("fused") is not None:
-            return after["fused"] - before["fused"]
-        return min(objective_changes(experts, before, after).values(), default=0.0)
+    def change(after):
+        return objective_change(cfg, experts, before, after, worst=True)
 
     if change(attempts[-1]) >= -cfg.reflection.tolerance:
         return False, attempt
@@ -860,8 +764,8 @@ def build_network(cfg):
 class TrainingState:
     """Everything training changes, in one object: the network (`raw`; `net` is what trains: compiled and/or DDP),
     its EMA, the optimizer, the grad scaler, the loss repository (a GAN term holds its discriminator and the
-    discriminator's optimizer), every rank's RNG and training pairs (RISR's pair pool). save() and load() write and
-    read all of it, so saving, resuming and rolling back are one call each."""
+    discriminator's optimizer), every rank's RNG and training pairs (RISR's pair pool). save() and load_state_dict()
+    write and read all of it, so saving, resuming and rolling back are one call each."""
 
     def __init__(self, cfg, device, ddp, rank, world):
         self.device, self.ddp, self.rank, self.world, t = device, ddp, rank, world, cfg.train
@@ -887,11 +791,8 @@ class TrainingState:
                 if isinstance(module, torch.nn.Conv2d):
                     module.to(memory_format=torch.channels_last)
         self.net, self.net_d = torch.compile(self.raw) if t.compile else self.raw, None
-        if ddp:
-            # A static graph lets DDP learn once which parameters get gradients (PromptIR has layers that never do,
-            # models.promptir.UNUSED_PARAMETERS) and skip its per-iteration search; without it, PromptIR needs that
-            # search to avoid waiting for them forever. Gradients as views of DDP's all-reduce buckets: no second
-            # copy of them in memory, no copy back per step.
+        if ddp:  # A static graph: DDP learns once which parameters get gradients (PromptIR has layers that never do)
+            # instead of searching every iteration; gradients as views of its all-reduce buckets, never copied.
             ids = [device.index] if device.type == "cuda" else None
             self.net = DDP(self.net, device_ids=ids, static_graph=t.static_graph, gradient_as_bucket_view=True,
                            find_unused_parameters=not t.static_graph and cfg.model.arch == "PromptIR")
@@ -904,42 +805,29 @@ class TrainingState:
         self.autocast = torch.autocast(device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.amp == "fp16")
 
-    @property
-    def eval_net(self):
-        """The network that restores the feedback images: the EMA when there is one."""
-        return self.ema if self.ema is not None else self.raw
-
-    def update_ema(self, decay):
-        with torch.no_grad():
-            # Multi-tensor ops: a few kernel launches per step instead of two per parameter (SwinIR-M has ~500).
-            torch._foreach_lerp_(list(self.ema.parameters()), list(self.raw.parameters()), 1 - decay)
-            torch._foreach_copy_(list(self.ema.buffers()), list(self.raw.buffers()))
+    def state_dict(self):
+        """The network (under BasicSR's names, so models.load_pretrained and `eval` read it like an official file),
+        the EMA, the optimizer, the grad scaler, the discriminator and its optimizer."""
+        adversary = self.losses[self.adversary] if self.adversary else None
+        return {"params": self.raw.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "net_d": adversary.net_d.state_dict() if adversary else None,
+                "opt_d": adversary.opt_d.state_dict() if adversary else None, "scaler": self.scaler.state_dict(),
+                **({"params_ema": self.ema.state_dict()} if self.ema is not None else {})}
 
     def save(self, path, is_main, **bookkeeping):
-        """Writes the state (and `bookkeeping`: stage, history, ...) to `path` atomically. Every rank takes part:
-        the RNG states are gathered, so that each rank resumes its own random stream; rank 0 writes."""
-        rng = {"torch": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
-               "numpy": [x.tolist() if isinstance(x, np.ndarray) else x for x in np.random.get_state()],
-               "python": random.getstate()}
-        ranks = [None] * self.world if self.ddp else [(rng, self.pairs.state_dict())]
+        """Writes the state, every rank's RNG and training pairs, and `bookkeeping` (stage, history, ...) to `path`
+        atomically. Every rank takes part (its own streams are gathered); rank 0 writes."""
+        mine = (rng_state(self.device), self.pairs.state_dict())
+        ranks = [None] * self.world if self.ddp else [mine]
         if self.ddp:
-            dist.gather_object((rng, self.pairs.state_dict()), ranks if self.rank == 0 else None, dst=0)
+            dist.gather_object(mine, ranks if self.rank == 0 else None, dst=0)
         if is_main:
-            adversary = self.losses[self.adversary] if self.adversary else None
-            # The network under BasicSR's names, so models.load_pretrained and `eval` read it like an official file.
-            ckpt = {"params": self.raw.state_dict(), "optimizer": self.optimizer.state_dict(),
-                    "net_d": adversary.net_d.state_dict() if adversary else None,
-                    "opt_d": adversary.opt_d.state_dict() if adversary else None,
-                    "scaler": self.scaler.state_dict(), "rng": [r for r, _ in ranks], "pairs": [p for _, p in ranks],
-                    **bookkeeping}
-            if self.ema is not None:
-                ckpt["params_ema"] = self.ema.state_dict()
+            ckpt = {**self.state_dict(), "rng": [r for r, _ in ranks], "pairs": [p for _, p in ranks], **bookkeeping}
             write_atomic(path, lambda p: torch.save(ckpt, p))
         if self.ddp:
             dist.barrier()  # the file exists for every rank before anyone may read it
 
-    def load(self, ckpt):
+    def load_state_dict(self, ckpt):
         self.raw.load_state_dict(ckpt["params"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
         if self.adversary:
@@ -949,17 +837,13 @@ class TrainingState:
             self.ema.load_state_dict(ckpt["params_ema"])
         self.scaler.load_state_dict(ckpt["scaler"])
         self.pairs.load_state_dict(ckpt.get("pairs", [None] * self.world)[self.rank])
-        rng = ckpt["rng"][self.rank]
-        torch.set_rng_state(rng["torch"].cpu())
-        if self.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"].cpu(), self.device)
-        np.random.set_state(tuple(rng["numpy"]))
-        random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in rng["python"]))
+        set_rng_state(ckpt["rng"][self.rank], self.device)
 
 
-def train_stage(cfg, state, weights, stage, attempt, run_dir, is_main):
+def train_stage(cfg, state, weights, stage, attempt, log):
     """One stage: K iterations with fixed loss weights, L = sum_i w_i L_i over the loss repository. Rank 0 logs
-    every train.log_every iterations to metrics.jsonl. Returns the phase's peak memory."""
+    every train.log_every iterations (tools/runlog.py; `log` is None on the other ranks). Returns the phase's peak
+    memory."""
     names, t = cfg.losses.names, cfg.train
     active = [(n, w) for n, w in zip(names, weights) if w > 0]  # zero-weight losses are not computed
     adversary = state.adversary if state.adversary and (weights[names.index(state.adversary)] > 0
@@ -980,17 +864,13 @@ def train_stage(cfg, state, weights, stage, attempt, run_dir, is_main):
             # After the generator's step, as BasicSR does. fp16 would need a scaler of its own: fp32 then.
             with torch.autocast(state.device.type, dtype=state.amp_dtype, enabled=state.amp == "bf16"):
                 d_terms = state.losses[adversary].discriminator_step(out.float(), gt, net_d=state.net_d)
-        if state.ema is not None:
-            state.update_ema(t.ema_decay)
+        if state.ema is not None:  # multi-tensor ops: a few kernel launches, not two per parameter (SwinIR-M: ~500)
+            with torch.no_grad():
+                torch._foreach_lerp_(list(state.ema.parameters()), list(state.raw.parameters()), 1 - t.ema_decay)
+                torch._foreach_copy_(list(state.ema.buffers()), list(state.raw.buffers()))
         iteration += 1
-        if is_main and (step % t.log_every == 0 or step == t.iters_per_stage):
-            # .item() syncs with the device: only at logging steps.
-            line = {"stage": stage, "attempt": attempt, "iteration": iteration, "loss": total.item(),
-                    **{n: v.item() for n, v in terms.items()}, **{k: v.item() for k, v in d_terms.items()},
-                    "it_per_s": step / (time.time() - start)}
-            append_jsonl(run_dir / "metrics.jsonl", [line])
-            print(f"stage {stage}/{t.stages} iter {iteration} | loss {line['loss']:.4f} | "
-                  + " ".join(f"{n} {line[n]:.4f}" for n, _ in active) + f" | {line['it_per_s']:.2f} it/s", flush=True)
+        if log and (step % t.log_every == 0 or step == t.iters_per_stage):  # reading the losses waits for the device
+            log.iteration(stage, attempt, iteration, step, step / (time.time() - start), total, terms, dict(active), d_terms)
     return peak_memory_mib(state.device)
 
 
@@ -999,11 +879,9 @@ def ask_controller(controller, history, retry, stage, attempt, run_dir, device, 
     ends with (the one just undone, for a retry). Its record and this phase's peak memory go into the history entry
     just judged, its lines into agent.jsonl."""
     start = history[-1] if retry else next(h for h in reversed(history) if h["stage"] == stage and not h.get("rolled_back"))
-    if home != device:
-        move_experts_and_llm([], controller, device)
+    move_experts_and_llm([], controller, device)
     new, record, logs = controller.propose(history, list(start["weights"].values()), stage, attempt)
-    if home != device:
-        move_experts_and_llm([], controller, home)
+    move_experts_and_llm([], controller, home)  # back to the CPU with train.offload
     history[-1].update(record)
     history[-1]["memory_mib"]["agent"] = peak_memory_mib(device)
     if logs:
@@ -1016,77 +894,71 @@ def undo_if_worse(cfg, state, experts, history, stage, attempt, run_dir, is_main
     decided, so that the network, optimizers, EMA and RNG go back bit for bit to the stage's start (a retry) or to
     the end of its best attempt. Returns whether the stage is trained again."""
     ckpt_dir = run_dir / "ckpt"
-    retry, ended = broadcast(reflect(cfg, experts, history, stage, attempt) if is_main else (0, 0), state)
-    retry, ended = bool(retry), int(ended)
+    retry, ended = broadcast(reflect(cfg, experts, history, stage, attempt) if is_main else None, state)
     state.save(ckpt_dir / f"stage_{stage}_attempt_{attempt}.pt", is_main, stage=stage - 1, attempt=attempt)
     if retry or ended != attempt:
         path = ckpt_dir / ("last.pt" if retry else f"stage_{stage}_attempt_{ended}.pt")
-        state.load(torch.load(path, map_location=state.device, weights_only=True))
+        state.load_state_dict(torch.load(path, map_location=state.device, weights_only=True))
         if is_main:
             for h in history:
                 if h["stage"] == stage:
                     h["rolled_back"] = retry or h["attempt"] != ended
+            set_aside(run_dir, stage, attempt, ended)
             print(f"stage {stage} attempt {attempt + 1}: " + ("worse than before, undone; asking again" if retry
                   else f"no retry was better: keeping attempt {ended + 1}"), flush=True)
     return retry
 
 
-def broadcast(values, state):
-    """Rank 0's numbers on every rank (the others pass a list of the same length)."""
-    if not state.ddp:
-        return list(values)
-    buffer = torch.tensor([float(v) for v in values], dtype=torch.float64, device=state.device)
-    dist.broadcast(buffer, 0)
-    return buffer.tolist()
+def broadcast(value, state):
+    """Rank 0's `value` (weights, a decision, a file) on every rank."""
+    shared = [value]
+    if state.ddp:
+        dist.broadcast_object_list(shared, src=0)
+    return shared[0]
 
 
-def save_stage(cfg, state, run_dir, history, weights, stage, attempt, decided, is_main, experts, feedback):
+def save_stage(cfg, state, run_dir, history, weights, stage, attempt, decided, is_main, log, experts, feedback):
     """The save phase: ckpt/last.pt (training goes on at `attempt` of `stage`), ckpt/stage_<i>.pt once a stage is
-    decided, and what a person reads: history.json, experience.json, curves.png, report.md."""
+    decided, the files derived from them, and the stage's log (rank 0)."""
     ckpt_dir = run_dir / "ckpt"
     state.save(ckpt_dir / "last.pt", is_main, stage=stage - 1, attempt=attempt, history=history, weights=weights,
                config=asdict(cfg))
     if not is_main:
         return
-    last = history[-1]
-    print(f"stage {last['stage']} done: " + ", ".join(f"{k} {fmt(v['mean'])}" for k, v in last["scores"].items() if "mean" in v)
-          + (f" | next {weights_text(cfg.losses.names, weights)}" if "next_weights" in last else "")
-          + (f" (fallback: {last['fallback']})" if last.get("fallback") else "")
-          + " | peak MiB " + ", ".join(f"{k} {v}" for k, v in last["memory_mib"].items() if v is not None), flush=True)
-    if decided:
-        if cfg.output.stage_checkpoints:
-            write_atomic(ckpt_dir / f"stage_{stage - 1}.pt", lambda p: shutil.copyfile(ckpt_dir / "last.pt", p))
-        for old in ckpt_dir.glob(f"stage_{stage - 1}_attempt_*.pt"):
-            old.unlink()
-    report.write_history(run_dir, cfg.losses.names, [item["name"] for item in feedback], experts,
-                         cfg.train.iters_per_stage, history)
-    report.write_experience(run_dir / "experience.json", cfg, history,
-                            lambda before, after: objective_changes(experts, before, after))
-    report.save_plot(history, cfg.losses.names, run_dir / "curves.png")
-    report.write_report(run_dir, cfg, cfg.losses.names, history)
+    log.stage(history[-1], weights)
+    if decided and cfg.output.stage_checkpoints:
+        keep_stage(ckpt_dir, stage - 1)
+    report.write_run_files(cfg, run_dir, history, stage - 1, experts, feedback, partial(objective_changes, experts))
 
 
 # -----------------------------------------------------------------------------
 # run(): N stages of train -> judge -> reflect -> propose -> save.
 
-def resume(cfg, state, run_dir, is_main):
-    """The run's progress from ckpt/last.pt, if there is one: (history, weights, stage, attempt) to go on from, with
-    every rank's state restored and the logs cut back to what an uninterrupted run had written; else None."""
-    path = run_dir / "ckpt" / "last.pt"
-    if not path.exists():
+def resume(cfg, state, run_dir, is_main, experts, feedback):
+    """The run's progress from its checkpoint, if there is one (tools/rundir.py: last.pt, or the newest intact
+    stage_<i>.pt): (history, weights, stage, attempt) to go on from, with every rank's state restored, the logs cut back
+    to what an uninterrupted run had written, and every file derived from the checkpoint written again; else None."""
+    path, ckpt = read_checkpoint(run_dir / "ckpt", state.device) if is_main else (None, None)
+    path = broadcast(path, state)  # rank 0 chose the file
+    if path is None:
         return None
-    ckpt = torch.load(path, map_location=state.device, weights_only=True)
-    changed = [k for k in ("task", "model", "losses", "data", "feedback", "experts") if ckpt["config"][k] != asdict(cfg)[k]]
-    changed += [f"train.{k}" for k, v in asdict(cfg.train).items() if k != "stages" and ckpt["config"]["train"][k] != v]
+    ckpt = ckpt or torch.load(path, map_location=state.device, weights_only=True)
+    changed = changed_settings(ckpt["config"], asdict(cfg), asdict(Config()))
     if changed:
-        raise ConfigError(f"{run_dir} holds a run with different settings ({', '.join(changed)}); "
-                          "choose another --set output.name=... or remove that folder")
-    state.load(ckpt)
-    stage, attempt = ckpt["stage"] + 1, ckpt["attempt"]
+        raise ConfigError(f"{run_dir} holds a run with other settings ({', '.join(changed)}); a rerun may change only "
+                          f"{', '.join(MAY_CHANGE)}: choose another output.name, or remove that folder")
+    if len(ckpt["rng"]) != state.world:
+        raise ConfigError(f"{run_dir} was trained with {len(ckpt['rng'])} ranks: resume it with as many "
+                          f"(torchrun --nproc_per_node={len(ckpt['rng'])}), or the batches would not be the same")
+    state.load_state_dict(ckpt)
+    history, finished, attempt = ckpt["history"], ckpt["stage"], ckpt["attempt"]
     if is_main:
-        truncate_logs([run_dir / "metrics.jsonl", run_dir / "agent.jsonl"], ckpt["stage"], attempt)
-        print(f"resuming {run_dir} after stage {ckpt['stage']}" + (f", at attempt {attempt + 1} of stage {stage}" if attempt else ""))
-    return ckpt["history"], ckpt["weights"], stage, attempt
+        truncate_logs([run_dir / "metrics.jsonl", run_dir / "agent.jsonl"], finished, attempt)
+        if finished and attempt == 0 and cfg.output.stage_checkpoints and not (run_dir / "ckpt" / f"stage_{finished}.pt").exists():
+            keep_stage(run_dir / "ckpt", finished)
+        report.write_run_files(cfg, run_dir, history, finished, experts, feedback, partial(objective_changes, experts))
+        print(f"resuming {run_dir} after stage {finished}" + (f", at attempt {attempt + 1} of stage {finished + 1}" if attempt else ""))
+    return history, ckpt["weights"], finished + 1, attempt
 
 
 def run(cfg):
@@ -1103,10 +975,13 @@ def run(cfg):
         # Rank 0 scores and queries the LLM while the others wait at the broadcast: allow a long wait.
         dist.init_process_group("nccl" if use_cuda else "gloo", timeout=timedelta(hours=2), device_id=device if use_cuda else None)
     is_main = rank == 0
-    if cfg.train.batch_size % world:
-        raise ConfigError(f"train.batch_size = {cfg.train.batch_size} is not divisible by the {world} ranks")
+    if cfg.train.batch_size % world or cfg.data.pool_size % (cfg.train.batch_size // world or 1):
+        raise ConfigError(f"train.batch_size = {cfg.train.batch_size} must be a multiple of the {world} ranks, and "
+                          f"data.pool_size = {cfg.data.pool_size} of the batch per rank")
     doctor.check_before_training(cfg)  # every input and weight file is there, before any work
     run_dir, names = Path(cfg.output.root) / cfg.output.name, cfg.losses.names
+    if is_main:
+        held = lock(run_dir)  # one run per folder, for as long as this one lives
 
     state = TrainingState(cfg, device, ddp, rank, world)
     # Rank 0 alone judges and asks: the feedback images, the experts and the controller. Between their phases the
@@ -1114,21 +989,30 @@ def run(cfg):
     home = torch.device("cpu") if cfg.train.offload else device
     feedback, experts, controller = [], [], None
     if is_main:
-        feedback, experts = load_feedback_images(cfg), make_experts(cfg.experts, home)
+        feedback, experts = feedback_images(cfg.feedback, cfg.task.scale), make_experts(cfg.experts, home)
         missing_gt = [e.name for e in experts if e.full_reference and any(item["gt"] is None for item in feedback)]
         if missing_gt:
             raise ConfigError(f"experts {missing_gt} need ground truth, but the feedback images have none "
                               f"(feedback.degradation = '{cfg.feedback.degradation}')")
         controller = make_controller(cfg, experts, home)
-    progress = resume(cfg, state, run_dir, is_main)
+    progress = resume(cfg, state, run_dir, is_main, experts, feedback)
     if progress is None:
         # Different seeds per rank so that stochastic layers (drop path) differ across ranks, as in one big batch.
         torch.manual_seed(cfg.train.seed + rank)
         np.random.seed(cfg.train.seed + rank)
         random.seed(cfg.train.seed + rank)
     history, weights, stage, attempt = progress or ([], [float(w) for w in cfg.losses.weights], 1, 0)
+    if progress and stage <= cfg.train.stages and attempt == 0 and history[-1]["stage"] and "next_weights" not in history[-1]:
+        # The run is extended (train.stages raised on a rerun): its last stage had been its final one, so the controller
+        # is asked now for the weights of the next.
+        if is_main:
+            weights = ask_controller(controller, history, False, stage - 1, history[-1].get("attempt", 0), run_dir,
+                                     device, home)
+        weights = broadcast(weights, state)
+        state.save(run_dir / "ckpt" / "last.pt", is_main, stage=stage - 1, attempt=0, history=history, weights=weights,
+                   config=asdict(cfg))  # so that a kill in the new stage does not ask (and log) it again
+    log = RunLog(cfg, run_dir, cfg.train.iters_per_stage * sum(1 for h in history if h["stage"])) if is_main else None
     if is_main:
-        (run_dir / "ckpt").mkdir(parents=True, exist_ok=True)
         write_atomic(run_dir / "config.toml", lambda p: p.write_text(configurator.to_toml(asdict(cfg)) + "\n"))
         print(f"run {run_dir}: {cfg.train.stages} stages x {cfg.train.iters_per_stage} iterations, "
               f"losses {':'.join(names)}, experts {', '.join(e.name for e in experts)}, agent {cfg.agent.backend}, "
@@ -1136,7 +1020,7 @@ def run(cfg):
     if not history:
         if is_main:
             # Stage 0: the score before any training (the paper's "initial score").
-            scores, _ = judge_stage(cfg, experts, state.raw, feedback, 0, run_dir, device, state.autocast)
+            scores, _ = judge_stage(cfg, experts, state.raw, feedback, 0, run_dir, device, home, state.autocast)
             history.append({"stage": 0, "iteration": 0, "weights": dict(zip(names, weights)), **scores})
         # Saved like a finished stage: a retry of stage 1 (reflection) and a resume start from it.
         state.save(run_dir / "ckpt" / "last.pt", is_main, stage=0, attempt=0, history=history, weights=weights,
@@ -1144,10 +1028,11 @@ def run(cfg):
 
     while stage <= cfg.train.stages:
         # Train: K iterations with this stage's weights, on every rank.
-        memory = {"train": train_stage(cfg, state, weights, stage, attempt, run_dir, is_main)}
+        memory = {"train": train_stage(cfg, state, weights, stage, attempt, log)}
         # Judge: rank 0 restores the feedback images, and the experts judge them.
         if is_main:
-            scores, memory["feedback"] = judge_stage(cfg, experts, state.eval_net, feedback, stage, run_dir, device,
+            net = state.ema if state.ema is not None else state.raw  # the EMA restores, when there is one
+            scores, memory["feedback"] = judge_stage(cfg, experts, net, feedback, stage, run_dir, device, home,
                                                      state.autocast)
             history.append({"stage": stage, "attempt": attempt, "iteration": stage * cfg.train.iters_per_stage,
                             "weights": dict(zip(names, weights)), "memory_mib": memory, **scores})
@@ -1161,10 +1046,12 @@ def run(cfg):
             weights = broadcast(weights, state)
         # Save: the checkpoint of every rank's state, the history, the curves and the report.
         stage, attempt = (stage, attempt + 1) if retry else (stage + 1, 0)
-        save_stage(cfg, state, run_dir, history, weights, stage, attempt, not retry, is_main, experts, feedback)
+        save_stage(cfg, state, run_dir, history, weights, stage, attempt, not retry, is_main, log, experts, feedback)
 
     if is_main:
-        print("\n" + report.write_report(run_dir, cfg, names, history))
+        print("\n" + (run_dir / "report.md").read_text())
+        log.close()
+        held.close()
     if ddp:
         dist.barrier()
         dist.destroy_process_group()
@@ -1174,17 +1061,33 @@ def run(cfg):
 # -----------------------------------------------------------------------------
 # main(): training, and the commands around it (eval, doctor, prefetch).
 
+COMMANDS = """commands (python lossagent.py COMMAND --help for their options):
+  eval      score a checkpoint on the configured benchmarks, or a folder of images, by the papers' protocols
+  doctor    check offline that every file the config needs is in place
+  prefetch  download those files (on a machine with internet)
+  config    print the resolved config as TOML: every setting with its value, comment, default and choices"""
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["eval"]:
         return evaluate.main(argv[1:], load_config, build_network)
-    command = argv[0] if argv[:1] in (["doctor"], ["prefetch"]) else None
-    parser = argparse.ArgumentParser(prog=f"lossagent.py {command or ''}".strip(),
-                                     description=doctor.__doc__ if command else "LossAgent training (see the module docstring)")
-    parser.add_argument("--config", required=True, help="TOML file, e.g. configs/demo.toml")
+    command = argv[0] if argv[:1] in (["doctor"], ["prefetch"], ["config"]) else None
+    parser = argparse.ArgumentParser(
+        prog=f"lossagent.py {command or ''}".strip(), formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=doctor.__doc__ if command in ("doctor", "prefetch") else __doc__.split("\n\n")[0].strip(),
+        epilog=COMMANDS if command is None else None)
+    parser.add_argument("file", nargs="?", help="the TOML config file (or --config)")
+    parser.add_argument("--config", help="TOML file, e.g. configs/demo.toml")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a setting")
     args = parser.parse_args(argv[1:] if command else argv)
-    cfg = load_config(args.config, args.set)
+    path = args.file or args.config
+    if path is None:
+        parser.error("give the config file")
+    cfg = load_config(path, args.set)
+    if command == "config":
+        print(configurator.listing(cfg), end="")
+        return 0
     return doctor.doctor(cfg, download=command == "prefetch") if command else run(cfg)
 
 
@@ -1192,6 +1095,6 @@ if __name__ == "__main__":
     try:
         status = main()
         sys.exit(status if isinstance(status, int) else 0)
-    except (ConfigError, FileNotFoundError) as e:
+    except (ConfigError, FileNotFoundError, ImageError) as e:  # what a user can fix: one line, no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

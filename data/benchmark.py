@@ -311,6 +311,19 @@ def pyiqa_weights(metric: str, download: bool = True):
         download_util.DEFAULT_CACHE_DIR, download_util.download_url_to_file = saved
 
 
+# What each metric says, in a line an LLM can read (the prompt's system part); an expert's `meaning` overrides it.
+MEANINGS = {
+    "psnr": "PSNR, the fidelity to the ground-truth image in dB",
+    "ssim": "SSIM, the structural similarity to the ground-truth image (0 to 1)",
+    "lpips": "LPIPS, the perceptual distance to the ground-truth image",
+    "niqe": "NIQE, a no-reference score of how far the image statistics are from natural images",
+    "maniqa": "MANIQA, a learned no-reference perceptual quality score (0 to 1)",
+    "clipiqa": "CLIP-IQA, a no-reference quality score from a vision-language model (0 to 1)",
+    "musiq": "MUSIQ, a learned no-reference quality score (0 to 100)",
+    "qalign": "Q-Align, a quality rating by a multimodal LLM (1 = bad to 5 = excellent)",
+}
+
+
 # The metrics this module computes itself, by benchmark protocol (see the module docstring); every other name is a
 # pyiqa metric.
 OURS = {"psnr": {"basicsr": psnr, "promptir": psnr_promptir}, "ssim": {"basicsr": ssim, "promptir": ssim_promptir}}
@@ -380,10 +393,22 @@ def _parse_range(text):
         return None
 
 
-def score(metric: Metric, images: list[torch.Tensor], gts: list | None = None) -> list[float]:
+class MetricError(ValueError):
+    """A metric could not score an image (too small for it, say); the message names the image and its size."""
+
+
+def score(metric: Metric, images: list[torch.Tensor], gts: list | None = None, names: list | None = None) -> list[float]:
     """The one scoring loop: `metric` on each image [1, 3, H, W] (sizes differ, so one at a time) and its ground
     truth (a list in the same order, or None)."""
-    return [metric(img.float().clamp(0, 1), None if gts is None else gts[k].float()) for k, img in enumerate(images)]
+    values = []
+    for k, img in enumerate(images):
+        try:
+            values.append(metric(img.float().clamp(0, 1), None if gts is None else gts[k].float()))
+        except (RuntimeError, ValueError, IndexError, AssertionError) as e:  # pyiqa's ways of refusing an image
+            name = names[k] if names else f"number {k + 1}"
+            raise MetricError(f"{metric.name} cannot score the image {name} ({img.shape[-2]}x{img.shape[-1]} pixels): "
+                              f"{str(e).splitlines()[0] if str(e) else e.__class__.__name__}") from None
+    return values
 
 
 def score_images(
@@ -398,7 +423,9 @@ def score_images(
     `gts`: reference images, a dict name -> tensor or a list in the order of `images` (needed by psnr, ssim and
     pyiqa's full-reference metrics such as lpips). "psnr"/"ssim" use this module's functions with the set's
     `protocol` (see Metric; default basicsr on RGB, uncropped); any other name is pyiqa's metric with its
-    defaults, on the full RGB image. Returns {"metrics": {metric: {"mean": float, "per_image": {name: float}}}}."""
+    defaults, on the full RGB image. Returns {"metrics": {metric: {"mean": float, "per_image": {name: float}}}}.
+    A metric that cannot score one of the images (a broken network's output can have no finite NIQE features) gives
+    the set no mean: {"mean": None, "per_image": {}, "error": why}, and the other metrics still count."""
     if isinstance(gts, dict):
         gts = [gts[name] for name, _ in images]
     results = {}
@@ -406,7 +433,11 @@ def score_images(
         metric = Metric(name, device, protocol=protocol or {})
         if metric.full_reference and gts is None:
             raise ValueError(f"metric {name} needs ground truth images (gts)")
-        values = score(metric, [img for _, img in images], gts)
+        try:
+            values = score(metric, [img for _, img in images], gts, [n for n, _ in images])
+        except MetricError as e:
+            results[name] = {"mean": None, "per_image": {}, "error": str(e)}
+            continue
         results[name] = {"mean": sum(values) / max(len(values), 1),
                          "per_image": {n: v for (n, _), v in zip(images, values)}}
     return {"metrics": results}

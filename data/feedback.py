@@ -10,7 +10,7 @@ import torch
 from data.air import crop_to_common, pair_by_name
 from data.benchmark import add_gaussian_noise, image_generator
 from data.cisr import bicubic_lr
-from data.images import center_crop, image_name, list_images, load_image, modcrop, to_tensor
+from data.images import ImageError, center_crop, image_name, list_images, load_image, modcrop, to_tensor
 
 DEGRADATIONS = ("bicubic", "none", "noise", "realesrgan")
 
@@ -86,3 +86,13 @@ def load_feedback(
                 lq = RealESRGANDegradation(scale=scale)(gt, image_generator(seed, name))
         items.append({"name": name, "lq": lq, "gt": gt})
     return items
+
+
+def feedback_images(cfg, scale: int) -> list[dict]:
+    """The run's T feedback images from its [feedback] settings `cfg` (see load_feedback)."""
+    items = load_feedback(cfg.sources, cfg.count, cfg.seed, cfg.degradation, scale=scale, sigma=cfg.sigma,
+                          lq_sources=cfg.lq_sources or None, max_side=cfg.max_side or None)
+    if len(items) < cfg.count:
+        raise ImageError(f"feedback.count = {cfg.count} but feedback.sources hold only {len(items)} images")
+    return items
+

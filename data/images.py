@@ -117,12 +117,47 @@ def load_image(path: str) -> np.ndarray:
         raise FileNotFoundError(f"image not found: {path}")
     from PIL import Image
 
-    with Image.open(path) as im:
-        # 16-bit PNGs ('I;16') do not convert to RGB meaningfully in PIL; scale them to 8 bits first.
-        if im.mode.startswith("I;16") or im.mode == "I":
-            arr = np.asarray(im, dtype=np.float64) / 65535.0
-            return _as_rgb(arr)
-        return _as_rgb(np.asarray(im.convert("RGB")))
+    try:
+        with Image.open(path) as im:
+            # 16-bit PNGs ('I;16') do not convert to RGB meaningfully in PIL; scale them to 8 bits first.
+            if im.mode.startswith("I;16") or im.mode == "I":
+                arr = np.asarray(im, dtype=np.float64) / 65535.0
+                return _as_rgb(arr)
+            return _as_rgb(np.asarray(im.convert("RGB")))
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # PIL's ways of saying "damaged"
+        raise ImageError(f"cannot read the image {path} ({e}): replace it, or remove it from the set") from None
+
+
+class ImageError(ValueError):
+    """An image that cannot be decoded (truncated, damaged, not an image): a problem of the data, not of the code."""
+
+
+# How the files of each format end when they are whole: a PNG with its IEND chunk, a JPEG with its EOI marker.
+TRAILERS = {".png": b"IEND\xaeB`\x82", ".jpg": b"\xff\xd9", ".jpeg": b"\xff\xd9"}
+
+
+def damaged_images(paths: list[str]) -> list[str]:
+    """'path (what is wrong)' for every image of `paths` that is damaged, by a look that costs no decoding: its header
+    (PIL reads it when it opens the file) and, for PNG and JPEG, how the file ends (a truncated copy lacks the end).
+    Fast enough to check a whole training set (DF2K's 3450 files) before stage 0."""
+    from PIL import Image
+
+    found = []
+    for path in paths:
+        if path.startswith(SKIMAGE_PREFIX):
+            continue
+        try:
+            with Image.open(path):
+                pass
+            trailer = TRAILERS.get(os.path.splitext(path)[1].lower())
+            if trailer:
+                with open(path, "rb") as f:
+                    f.seek(max(0, os.path.getsize(path) - 1024))
+                    if trailer not in f.read():
+                        found.append(f"{path} (truncated: it does not end as a whole {os.path.splitext(path)[1]} file)")
+        except (OSError, ValueError, SyntaxError) as e:
+            found.append(f"{path} ({e})")
+    return found
 
 
 def read_images(sources: list[str]) -> list[tuple[str, np.ndarray]]:
@@ -228,6 +263,11 @@ def to_device_async(t: torch.Tensor, device) -> torch.Tensor:
     if t.device == device or device.type != "cuda":
         return t.to(device)
     return t.pin_memory().to(device, non_blocking=True)
+
+
+def stage_seed(seed, stage, rank):
+    """A well-mixed seed for one (run seed, stage, rank): reproducible across processes and resumes."""
+    return int(np.random.SeedSequence([seed, stage, rank]).generate_state(1)[0])
 
 
 class StageSampler(torch.utils.data.Sampler):

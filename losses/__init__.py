@@ -42,7 +42,8 @@ def accepted_options(name: str) -> list[str]:
     return [p.name for p in params if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
 
 
-def _check_options(name: str, options: dict) -> None:
+def check_options(name: str, options: dict) -> None:
+    """Raises ValueError for an unknown loss or an option it does not take, naming what it takes."""
     accepted = accepted_options(name)
     bad = sorted(set(options) - set(accepted))
     if bad:
@@ -56,16 +57,16 @@ def build_loss_repository(names: list[str], options: dict[str, dict] | None = No
         raise ValueError(f"loss repository lists a loss twice: {names}")
     # Check every name and option before building anything: a typo should not cost a VGG load first.
     for name in list(names) + [n for n in options if n not in names]:
-        _check_options(name, options.get(name, {}))
+        check_options(name, options.get(name, {}))
     return nn.ModuleDict({name: LOSSES[name](**options.get(name, {})) for name in names})
 
 
 def required_files(name: str, options: dict | None = None) -> list[tuple[str, str]]:
     """[(path, download url)] of the weight files loss `name` would load with `options`, without building it."""
     options = options or {}
-    _check_options(name, options)
+    check_options(name, options)
     weight_files = getattr(LOSSES[name], "weight_files", None)
     return weight_files(**options) if weight_files else []
 
 
-__all__ = ["LOSSES", "accepted_options", "build_loss_repository", "required_files", "usm_sharp"]
+__all__ = ["LOSSES", "accepted_options", "build_loss_repository", "check_options", "required_files", "usm_sharp"]

@@ -25,6 +25,7 @@ import json
 import re
 import statistics
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -325,9 +326,12 @@ def study_runs(runs, objective, controller):
 
 
 def objective_of(objective, scores, experts, fusion):
-    """The objective from one set of mean scores {name: mean}: NIQE, PSNR, or the two fused as the runs fuse them."""
+    """The objective from one set of mean scores {name: mean}: NIQE, PSNR, or the two fused as the runs fuse them
+    (None when an expert gave no score: fused from the others, it would be another objective)."""
     if objective != "fused":
         return scores.get(OBJECTIVES[objective])
+    if any(scores.get(e.name) is None for e in experts):
+        return None
     return lossagent.fused_score(experts, {n: {"mean": v} for n, v in scores.items() if v is not None}, fusion)
 
 
@@ -358,38 +362,47 @@ def study_numbers(runs):
                 kept = [h for h in history["stages"] if not h.get("rolled_back")]
                 curve = [objective_of(objective, {n: v.get("mean") for n, v in h["scores"].items()}, experts, fusion)
                          for h in kept]
-                test = {m.upper(): v["mean"] for m, v in evaluation["datasets"]["CSet14"]["metrics"].items()}
+                metrics = evaluation["datasets"]["CSet14"]["metrics"]
+                test = {m.upper(): v["mean"] for m, v in metrics.items()}
                 rows.append({"run": d.name, "seed": int(d.name.rsplit("seed", 1)[1]) if "_seed" in d.name else 0,
                              "test": objective_of(objective, test, experts, fusion), "feedback": curve[-1],
-                             "curve": curve, "weights": [h["weights"] for h in kept]})
+                             "curve": curve, "weights": [h["weights"] for h in kept],
+                             "errors": [v["error"] for v in metrics.values() if v.get("error")]})
     return numbers
 
 
 def study_tables(numbers, out):
     """One table per objective: test and feedback objective per controller, and the comparison with fixed weights
-    paired by seed (a positive difference is better)."""
+    paired by seed (a positive difference is better). A run whose test objective could not be scored (its network
+    broke) counts as not better than fixed, is left out of the means, and is named under the table."""
     texts = {}
     for objective, controllers in numbers.items():
         lower = objective == "niqe"
         fixed = {r["seed"]: r["test"] for r in controllers.get("fixed", [])}
-        rows = []
+        rows, unscored = [], []
         for controller, runs in controllers.items():
             if not runs:
                 continue
             tests = [r["test"] for r in runs]
-            paired = [(r["test"] - fixed[r["seed"]]) * (-1 if lower else 1) for r in runs if r["seed"] in fixed]
-            wins = sum(p > 0 for p in paired)
+            paired = [None if r["test"] is None else (r["test"] - fixed[r["seed"]]) * (-1 if lower else 1)
+                      for r in runs if fixed.get(r["seed"]) is not None]
+            wins = sum(p is not None and p > 0 for p in paired)
+            failed = [r for r in runs if r["test"] is None]
+            unscored += [f"{r['run']}: {'; '.join(r['errors']) or 'no test score'}" for r in failed]
             rows.append((controller, mean_std(tests), mean_std([r["feedback"] for r in runs]),
                          mean_std(paired) if controller != "fixed" else None,
-                         f"{wins}/{len(paired)}" if controller != "fixed" and paired else "—", len(runs)))
+                         f"{wins}/{len(paired)}" if controller != "fixed" and paired else "—",
+                         f"{len(runs)}" + (f" ({len(failed)} not scorable)" if failed else "")))
         rows.sort(key=lambda r: (r[1] is None, (r[1][0] if r[1] else 0) * (1 if lower else -1)))
         name = OBJECTIVES[objective]
         arrow = "lower is better" if lower else "higher is better"
         header = ["controller", f"test {name} (CSet14)", f"feedback {name} (CSet5, last stage)",
                   "test vs fixed, paired by seed (> 0: better)", "seeds better than fixed", "seeds"]
-        cells = [[c, fmt_stat(t), fmt_stat(f), fmt_stat(p, signed=True), w, str(n)] for c, t, f, p, w, n in rows]
+        cells = [[c, fmt_stat(t), fmt_stat(f), fmt_stat(p, signed=True), w, n] for c, t, f, p, w, n in rows]
         md = [f"### Objective: {name} ({arrow})", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
-              *["| " + " | ".join(row) + " |" for row in cells]]
+              *["| " + " | ".join(row) + " |" for row in cells],
+              *(["", "Not scorable on the test set (left out of the means):", *[f"- {u}" for u in unscored]]
+                if unscored else [])]
         texts[objective] = "\n".join(md) + "\n"
         (out / f"controllers_{objective}.md").write_text(texts[objective])
         with open(out / f"controllers_{objective}.csv", "w", newline="") as f:
@@ -413,15 +426,26 @@ def study_figure(numbers, path):
     from matplotlib.ticker import MaxNLocator
     fig, axes = plt.subplots(1, len(numbers), figsize=(5.5 * len(numbers), 4), squeeze=False)
     for ax, (objective, controllers) in zip(axes[0], numbers.items()):
+        seen = np.array([v for runs in controllers.values() for r in runs for v in r["curve"] if v is not None], dtype=float)
         for controller, runs in controllers.items():
-            curves = [r["curve"] for r in runs if None not in r["curve"]]
+            curves = [r["curve"] for r in runs]
             if not curves:
                 continue
             length = min(map(len, curves))
-            values = np.array([c[:length] for c in curves], dtype=float)
-            line, = ax.plot(range(length), values.mean(0), marker="o", markersize=3, label=controller)
-            ax.fill_between(range(length), values.min(0), values.max(0), color=line.get_color(), alpha=0.15)
-        ax.set(title=f"{OBJECTIVES[objective]} on the feedback images", xlabel="stage")
+            values = np.array([c[:length] for c in curves], dtype=float)  # [seeds, stages]; an unscored stage: nan
+            with warnings.catch_warnings():  # a stage no seed could score has no mean: a gap in the line
+                warnings.simplefilter("ignore", RuntimeWarning)
+                mean, low, high = np.nanmean(values, 0), np.nanmin(values, 0), np.nanmax(values, 0)
+            line, = ax.plot(range(length), mean, marker="o", markersize=3, label=controller)
+            ax.fill_between(range(length), low, high, color=line.get_color(), alpha=0.15)
+        title = f"{OBJECTIVES[objective]} on the feedback images"
+        if seen.size:  # a network that broke (NIQE 100+) would flatten every other curve: the 2-98% range is shown
+            low, high = np.percentile(seen, [2, 98])
+            pad = 0.1 * (high - low) or 0.1
+            ax.set_ylim(low - pad, high + pad)
+            title += "\n(a few values are off the chart)" if ((seen < low - pad) | (seen > high + pad)).any() else ""
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("stage")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.legend(fontsize=7)
     fig.tight_layout()

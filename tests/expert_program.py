@@ -4,6 +4,9 @@ score: the mean brightness of each restored image in FOLDER/images (as {"scores"
 text: a description of each image that names its brightness
 sequence STATE v0,v1,...: the k-th call scores every image v_k (STATE counts the calls), to script a worsening
 sleep / fail / garbage: misbehaves (too slow, exit status 3, stdout that is not JSON)
+huge / nan / bytes / wrongfiles: a malformed answer (a 400-digit integer, NaN, bytes that are not UTF-8, other file
+  names), with a line on stderr
+spawn PIDFILE: starts a child that would sleep for a minute (its pid in PIDFILE), and sleeps itself
 """
 import json
 import sys
@@ -31,5 +34,18 @@ elif mode == "sleep":
 elif mode == "fail":
     print("the model file is missing", file=sys.stderr)
     sys.exit(3)
+elif mode in ("huge", "nan", "bytes", "wrongfiles"):
+    print(f"answering {mode}", file=sys.stderr)
+    if mode == "bytes":
+        sys.stdout.buffer.write(b'{"scores": {"\xff\xfe": 1}}')
+    else:
+        value = {"huge": "1" + "0" * 400, "nan": "NaN", "wrongfiles": "0.5"}[mode]
+        names = [f"other_{f}" for f in files] if mode == "wrongfiles" else files
+        print('{"scores": {' + ", ".join(f'"{f}": {value}' for f in names) + "}}")
+elif mode == "spawn":
+    import subprocess
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    Path(sys.argv[2]).write_text(str(child.pid))
+    time.sleep(60)
 else:
     print("Traceback? no: just not JSON")

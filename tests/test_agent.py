@@ -87,6 +87,44 @@ def test_parse_weights(reply, expected):
         assert got == pytest.approx(expected)
 
 
+@pytest.mark.parametrize("reply", [
+    "L1=" + "1" * 20000 + ":",  # a 20,000-digit number (took 45 s with backtracking patterns)
+    "Weights: L1:Perceptual:GAN=0.7:0.3\n" * 30000,  # 1 MB of weight lines, none valid
+    "L1:" * 330000,  # 1 MB of a chain of names that never ends in numbers
+    "L1 : " * 200000,
+    "1:" * 500000,
+    " " * 500000 + "Weights:" + " " * 500000,
+    "".join(__import__("random").Random(0).choice("L1PerceptualGANWeights:=.-+e0123456789 \n*_nafi,") for _ in range(10**6)),
+])
+def test_parse_weights_reads_a_megabyte_of_anything_in_well_under_a_second(reply):
+    import time
+    start = time.perf_counter()
+    assert parse_weights(reply, NAMES) is None
+    assert time.perf_counter() - start < 0.8
+    valid = reply + "\nWeights: L1:Perceptual:GAN=0.7:0.3:0.05"  # one valid proposal at the very end is still found
+    start = time.perf_counter()
+    assert parse_weights(valid, NAMES) == pytest.approx([0.7, 0.3, 0.05])
+    assert time.perf_counter() - start < 0.8
+
+
+@pytest.mark.parametrize("reply,expected", [
+    ("Weights: L1=0.7, Perceptual=0.2, GAN=0.01\nThoughts: before, L1:Perceptual:GAN=1:0.1:0.01", [0.7, 0.2, 0.01]),
+    ("L1=0.7, Perceptual=0.2, GAN=0.01.", [0.7, 0.2, 0.01]),
+    ("L1=0.7, Perceptual=0.2, GAN=0.01\nThoughts: raising L1=0.9 helped before", [0.7, 0.2, 0.01]),
+    ("Before: L1:Perceptual:GAN=1:0.1:0.01\n- Weights: L1:Perceptual:GAN=0.6:0.2:0.05", [0.6, 0.2, 0.05]),
+    ("Before: L1:Perceptual:GAN=1:0.1:0.01\n1. New weights: L1:Perceptual:GAN=0.6:0.2:0.05", [0.6, 0.2, 0.05]),
+    ("Before: L1:Perceptual:GAN=1:0.1:0.01\n| Weights | L1:Perceptual:GAN=0.6:0.2:0.05 |", [0.6, 0.2, 0.05]),
+    ("Stage 1 had L1:Perceptual:GAN=1:0.1:0.01\n## Weights\nL1:Perceptual:GAN=0.6:0.2:0.05", [0.6, 0.2, 0.05]),
+    ("Given L1:Perceptual:GAN=1:0.1:0.01, I propose Weights: L1:Perceptual:GAN=0.7:0.2:0.01", [0.7, 0.2, 0.01]),
+    ("The previous weights were L1:Perceptual:GAN=1:0.1:0.01.\nWeights: L1:Perceptual:GAN=0.7:0.2:0.01", [0.7, 0.2, 0.01]),
+    ("L1=0.7\nPerceptual=0.2\nGAN=0.01", [0.7, 0.2, 0.01]),
+    ("GAN=0.01:0.5, L1=1, Perceptual=2", None),
+])
+def test_a_labelled_proposal_wins_over_an_echo_of_the_history(reply, expected):
+    got = parse_weights(reply, NAMES)
+    assert got == (None if expected is None else pytest.approx(expected))
+
+
 def test_parse_weights_respects_configured_bounds():
     assert parse_weights("Weights: L1:Perceptual:GAN=5:1:1", NAMES, max_weight=4) is None
     assert parse_weights("Weights: L1:Perceptual:GAN=0.05:1:1", NAMES, min_weight=0.1) is None

@@ -1,6 +1,7 @@
 """Beyond the paper: reflection with rollback, constrained decoding, non-LLM controllers, experience memory."""
 import importlib.util
 import json
+import math
 import os
 import signal
 import subprocess
@@ -29,7 +30,7 @@ def test_reflection_undoes_a_worse_stage_bit_for_bit_and_asks_again(tmp_path, se
     config = with_experts(tmp_path, [worsening_expert(tmp_path, [10, 5, 12, 13])], url=server.url, iters=2)
     cfg = lossagent.load_config(config, [f"output.root={tmp_path / 'runs'}", "reflection.enabled=true"])
     saved, loaded = {}, []
-    save, load = lossagent.TrainingState.save, lossagent.TrainingState.load
+    save, load = lossagent.TrainingState.save, lossagent.TrainingState.load_state_dict
 
     def save_spy(state, path, is_main, **bookkeeping):
         if path.name == "last.pt":
@@ -41,7 +42,7 @@ def test_reflection_undoes_a_worse_stage_bit_for_bit_and_asks_again(tmp_path, se
         loaded.append({k: v.clone() for k, v in state.raw.state_dict().items()})
 
     monkeypatch.setattr(lossagent.TrainingState, "save", save_spy)
-    monkeypatch.setattr(lossagent.TrainingState, "load", load_spy)
+    monkeypatch.setattr(lossagent.TrainingState, "load_state_dict", load_spy)
     lossagent.run(cfg)
 
     start_of_stage_1 = saved[(0, 0)]
@@ -147,6 +148,30 @@ def test_controllers_are_deterministic_and_respect_bounds(backend):
         entries[-1].update(record)
         weights = new
     assert weights != [0.9, 0.1, 0.01]
+
+
+@pytest.mark.parametrize("backend,optuna_defaults", [("optuna-tpe", {"n_startup_trials": 10}),
+                                                      ("optuna-cmaes", {"popsize": 7})])
+def test_the_optimizers_use_the_scores_within_a_short_run(backend, optuna_defaults):
+    """By the proposal after stage 5 the optimizers have modelled the scores: two runs whose scores differ get other
+    weights. With Optuna's own defaults (TPE: 10 random trials first; CMA-ES: a first generation of 4 + 3 ln 3 = 7)
+    every proposal of such a run would be the same whatever the scores."""
+    def last_proposal(sign, **agent):
+        rule = controller(backend, **agent)
+        weights, entries = [1.0, 0.1, 0.01], history([20.0], [[1.0, 0.1, 0.01]])
+        for stage in range(1, 6):
+            entries = evaluated(entries, stage, 20.0 + sign * math.log(weights[0] / weights[2]), weights)
+            weights, record, _ = rule.propose(entries, weights, stage, 0)
+            entries[-1].update(record)
+        return weights
+
+    assert last_proposal(1) != last_proposal(-1)
+    assert last_proposal(1, sampler=optuna_defaults) == last_proposal(-1, sampler=optuna_defaults)
+
+
+def test_a_wrong_sampler_option_is_a_config_error():
+    with pytest.raises(lossagent.ConfigError, match="agent.sampler: .*n_startup_trails"):
+        controller("optuna-tpe", sampler={"n_startup_trails": 3})
 
 
 def test_hillclimb_keeps_direction_while_improving_and_reverses_when_worse():

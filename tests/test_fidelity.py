@@ -11,7 +11,8 @@ import torch
 
 import lossagent
 from data.benchmark import psnr_promptir, ssim_promptir
-from data.images import SeededItems, load_image, to_tensor
+from data.images import SeededItems, load_image, stage_seed, to_tensor
+from data.pairs import TrainingPairs
 from data.jpeg import jpeg_roundtrip
 from data.risr import GTCropDataset, PairPool, RealESRGANDegradation, RealESRGANPairs
 from losses.sharpen import usm_sharp
@@ -73,11 +74,11 @@ def test_risr_lq_is_the_degradation_of_the_sharpened_gt():
     cfg = lossagent.Config()
     cfg.task.name, cfg.data.train, cfg.data.patch_size = "risr", ["skimage:astronaut", "skimage:coffee"], 64
     cfg.train.batch_size, cfg.train.iters_per_stage, cfg.train.num_workers = 2, 1, 0
-    pairs = lossagent.TrainingPairs(cfg, 0, 1, torch.device("cpu"))
+    pairs = TrainingPairs(cfg, 0, 1, torch.device("cpu"))
     (lq, gt, _), = list(pairs.stage(1))
-    generator = torch.Generator().manual_seed(lossagent.stage_seed(cfg.train.seed, 1, 0))
+    generator = torch.Generator().manual_seed(stage_seed(cfg.train.seed, 1, 0))
     assert torch.equal(lq, RealESRGANDegradation(scale=4)(usm_sharp(gt), generator))
-    plain = RealESRGANDegradation(scale=4)(gt, torch.Generator().manual_seed(lossagent.stage_seed(cfg.train.seed, 1, 0)))
+    plain = RealESRGANDegradation(scale=4)(gt, torch.Generator().manual_seed(stage_seed(cfg.train.seed, 1, 0)))
     assert not torch.equal(lq, plain)
 
 

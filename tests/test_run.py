@@ -141,7 +141,7 @@ def test_rerunning_a_run_with_other_settings_is_refused(tmp_path, server):
     config = tiny_config(tmp_path, stages=1, iters=1, url=server.url)
     assert lossagent(config, tmp_path).returncode == 0
     result = lossagent(config, tmp_path, "--set", "train.lr=0.5")
-    assert result.returncode == 2 and "different settings (train.lr)" in result.stderr
+    assert result.returncode == 2 and "holds a run with other settings (train.lr)" in result.stderr
 
 
 def test_llm_down_falls_back_and_finishes(tmp_path):
@@ -281,7 +281,9 @@ def test_speed_and_memory_switches_train_the_same_run(tmp_path):
     (plain, plain_scores), (layout, layout_scores) = numbers(runs / "plain"), numbers(runs / "layout")
     assert [r.keys() for r in layout] == [r.keys() for r in plain]
     for a, b in zip(layout, plain):
-        assert [a[k] for k in a] == pytest.approx([b[k] for k in b], rel=1e-3)
+        assert {k: v for k, v in a.items() if k != "weighted"} == pytest.approx(
+            {k: v for k, v in b.items() if k != "weighted"}, rel=1e-3)
+        assert a["weighted"] == pytest.approx(b["weighted"], rel=1e-3)
     assert [s[1]["PSNR"]["mean"] for s in layout_scores] == pytest.approx([s[1]["PSNR"]["mean"] for s in plain_scores],
                                                                          rel=1e-4)
 

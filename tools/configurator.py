@@ -11,7 +11,7 @@ import json
 import sys
 import tokenize
 import typing
-from dataclasses import fields, is_dataclass
+from dataclasses import asdict, fields, is_dataclass
 from pathlib import Path
 
 if sys.version_info >= (3, 11):
@@ -87,10 +87,50 @@ def apply_override(raw, assignment, root):
     node[keys[-1]] = value
 
 
+class Bound:
+    """A field's bound, read by check_type: `Annotated[int, AtLeast(1)]`, `Annotated[float, Above(0), Below(1)]`."""
+
+    def __init__(self, limit):
+        self.limit = limit
+
+    def check(self, value, where):
+        if not self.holds(value):
+            raise ConfigError(f"{where} = {value!r} must be {self}")
+
+
+class AtLeast(Bound):
+    def holds(self, value):
+        return value >= self.limit
+
+    def __str__(self):
+        return f"at least {self.limit}"
+
+
+class Above(Bound):
+    def holds(self, value):
+        return value > self.limit
+
+    def __str__(self):
+        return f"greater than {self.limit}"
+
+
+class Below(Bound):
+    def holds(self, value):
+        return value < self.limit
+
+    def __str__(self):
+        return f"below {self.limit}"
+
+
 def check_type(value, kind, where):
     """`value` must be of the field type `kind` (an int is accepted where a float is expected); for `list[X]`
     every element must be an X."""
     origin, args = typing.get_origin(kind) or kind, typing.get_args(kind)
+    if origin is typing.Annotated:
+        value = check_type(value, args[0], where)
+        for bound in kind.__metadata__:
+            bound.check(value, where)
+        return value
     if origin is typing.Literal:
         if value not in args:
             shown = ", ".join(a if a else '""' for a in args)
@@ -163,7 +203,7 @@ def value_text(v):
     if isinstance(v, str):
         return json.dumps(v, ensure_ascii=False)
     if isinstance(v, dict):
-        return "{ " + ", ".join(f"{json.dumps(k)} = {value_text(x)}" for k, x in v.items()) + " }"
+        return "{ " + ", ".join(f"{json.dumps(k)} = {value_text(x)}" for k, x in v.items()) + " }" if v else "{}"
     return "[" + ", ".join(value_text(x) for x in v) + "]"
 
 
@@ -178,3 +218,37 @@ def to_toml(d, prefix=""):
             for item in v:
                 lines += ["", f"[[{prefix}{k}]]", to_toml(item, f"{prefix}{k}.")]
     return "\n".join(lines).strip("\n")
+
+
+def listing(cfg):
+    """The resolved config `cfg` as TOML a user can copy: every section and key with its value, and after it the
+    one-line comment of its dataclass field, its default when the value differs, and its choices."""
+    def choices(kind):
+        return typing.get_args(kind) if typing.get_origin(kind) is typing.Literal else ()
+
+    def table(obj, header):
+        notes, defaults, lines = comments(type(obj)), type(obj)(), [header]
+        for f in fields(obj):
+            value, default = getattr(obj, f.name), getattr(defaults, f.name)
+            text = f"{f.name} = {value_text(asdict(value) if is_dataclass(value) else value)}"
+            extra = [notes.get(f.name, "")]
+            if value != default:
+                extra.append(f"default {value_text(default)}")
+            if choices(f.type):
+                extra.append("one of " + ", ".join(value_text(c) for c in choices(f.type)))
+            extra += [str(b) for b in getattr(f.type, "__metadata__", ())]
+            lines.append(f"{text}  # " + "; ".join(e for e in extra if e) if any(extra) else text)
+        return lines
+
+    out, top = [], comments(type(cfg))
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if table_type(f) is not None and typing.get_origin(f.type) is list:
+            out += [f"# [[{f.name}]]: {top.get(f.name) or 'an array of tables'}; {len(value)} here"]
+            for item in value:
+                out += table(item, f"[[{f.name}]]") + [""]
+            if not value:  # its keys all the same, commented out: the listing still loads as this config
+                out += ["# " + line for line in table(table_type(f)(), f"[[{f.name}]]")] + [""]
+        else:
+            out += table(value, f"[{f.name}]") + [""]
+    return "\n".join(out).rstrip() + "\n"

@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from data.benchmark import OURS, Metric
-from data.images import check_sources
+from data.air import find_pairs
+from data.images import ImageError, check_sources, damaged_images, list_images
 from losses import required_files as loss_files
 from models import OFFICIAL_CHECKPOINTS
 
@@ -30,6 +31,15 @@ def missing_inputs(cfg):
     missing = check_sources(cfg.data.train + cfg.feedback.sources + cfg.feedback.lq_sources)
     missing += [p for p in (cfg.data.derain, cfg.data.dehaze, *cfg.agent.experience) if p and not Path(p).exists()]
     return missing
+
+
+def damaged_training_images(cfg):
+    """The damaged images of the training set (data.images.damaged_images: no decoding, so a large set is checked
+    in seconds); the feedback images are decoded before stage 0 anyway, and a damaged one is named then."""
+    paths = list_images(cfg.data.train) if cfg.data.train else []
+    for folder in (cfg.data.derain, cfg.data.dehaze):
+        paths += [p for pair in find_pairs(folder) for p in pair] if folder else []
+    return damaged_images(paths)
 
 
 def required_files(cfg, download=False, metrics=True):
@@ -93,12 +103,19 @@ def check_before_training(cfg):
     if missing:
         raise FileNotFoundError("missing files, so the run stops before training (`python lossagent.py prefetch "
                                 "--config ...` fetches them where there is internet): " + "; ".join(missing))
+    damaged = damaged_training_images(cfg)
+    if damaged:
+        raise ImageError(f"{len(damaged)} damaged training images, so the run stops before training (replace them, or "
+                         f"remove them from data.train): " + "; ".join(damaged[:5]) + (" ..." if len(damaged) > 5 else ""))
 
 
 def doctor(cfg, download=False):
     """Prints present/missing for every file the config needs; 1 if any is missing."""
     rows = required_files(cfg, download=download)
-    rows += [("input path", path, False, "fix the config") for path in missing_inputs(cfg)]
+    missing = missing_inputs(cfg)
+    rows += [("input path", path, False, "fix the config") for path in missing]
+    if not missing:  # the sets are all there: are their images whole?
+        rows += [("damaged image", path, False, "replace it") for path in damaged_training_images(cfg)]
     width = max(len(r[0]) for r in rows) if rows else 0
     for what, where, present, source in rows:
         print(f"{'present' if present else 'MISSING'}  {what:<{width}}  {where}" + ("" if present else f"  <- {source}"))

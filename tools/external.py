@@ -5,6 +5,8 @@ Anything else, a crash, or a timeout raises ExpertError with the reason, and the
 """
 import json
 import math
+import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -20,9 +22,14 @@ class ExpertError(RuntimeError):
     """An expert could not judge this stage: the stage falls back, the run goes on."""
 
 
+def file_names(feedback):
+    """The file each feedback image goes to, <name>.png, in folders that programs and people read."""
+    return [f"{Path(item['name']).stem}.png" for item in feedback]
+
+
 def write_images(folder, restored, feedback, with_gt=True):
     """`folder`/images/<name>.png (restored) and `folder`/gt/<name>.png when there is ground truth."""
-    files = [f"{Path(item['name']).stem}.png" for item in feedback]
+    files = file_names(feedback)
     for file, out, item in zip(files, restored, feedback):
         save_image(out, Path(folder) / "images" / file)
         if with_gt and item["gt"] is not None:
@@ -30,43 +37,64 @@ def write_images(folder, restored, feedback, with_gt=True):
     return files
 
 
-def read_answer(text, files, texts, source):
+def read_answer(text, files, texts, source, stderr=""):
     """The answer for each of `files`, from JSON text: descriptions (`texts`) or finite numbers."""
     key = "texts" if texts else "scores"
     try:
         values = json.loads(text)[key]
         answer = [values[f] for f in files]
-        ok = all(isinstance(v, str) for v in answer) if texts else \
-            all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in answer)
-    except (ValueError, TypeError, KeyError) as e:
+        if texts:
+            ok = all(isinstance(v, str) for v in answer)
+        else:
+            ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in answer)
+            answer = [float(v) for v in answer] if ok else answer  # a huge integer overflows here
+            ok = ok and all(math.isfinite(v) for v in answer)
+    except (ValueError, TypeError, KeyError, OverflowError, RecursionError) as e:
         ok, answer = False, repr(e)
     if not ok:
         raise ExpertError(f"{source} is not JSON of the form {{\"{key}\": {{\"{files[0]}\": ...}}}} with an entry "
-                          f"for each of {', '.join(files)}: {text[:200]!r}")
-    return answer if texts else [float(v) for v in answer]
+                          f"for each of {', '.join(files)}" + (" (finite numbers)" if not texts else "")
+                          + f": {text[:200]!r}" + (f"; stderr: ...{stderr[-500:]}" if stderr.strip() else ""))
+    return answer
 
 
 def ask_program(command, timeout, restored, feedback, texts):
-    """Runs `command + [FOLDER]` on the restored images written to a temporary FOLDER; its stdout is the answer."""
+    """Runs `command + [FOLDER]` on the restored images written to a temporary FOLDER; its stdout is the answer.
+    The program runs in a process group of its own, which ends with it: on a timeout every process of the group
+    is killed (a wrapper's children too, which would keep holding their model's memory)."""
     with tempfile.TemporaryDirectory() as folder:
         files = write_images(folder, restored, feedback)
         shown = " ".join(command)
         try:
-            done = subprocess.run([*command, folder], capture_output=True, text=True, timeout=timeout or None)
-        except subprocess.TimeoutExpired as e:
-            raise ExpertError(f"`{shown}` took longer than {timeout:g} s; stderr: {(e.stderr or b'')[-500:]!r}") from None
+            process = subprocess.Popen([*command, folder], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                       stdin=subprocess.DEVNULL, start_new_session=True)
         except OSError as e:
             raise ExpertError(f"cannot start `{shown}`: {e}") from None
-        if done.returncode:
-            raise ExpertError(f"`{shown}` exited with status {done.returncode}; stderr: ...{done.stderr[-500:]}")
-        return read_answer(done.stdout, files, texts, f"the output of `{shown}`")
+        try:
+            stdout, stderr = process.communicate(timeout=timeout or None)
+            timed_out = False
+        except subprocess.TimeoutExpired:
+            timed_out = True
+        finally:
+            try:
+                os.killpg(process.pid, signal.SIGKILL)  # whatever of the group is left
+            except (ProcessLookupError, PermissionError):
+                pass
+        if timed_out:
+            stdout, stderr = process.communicate()
+        stdout, stderr = (x.decode("utf-8", errors="replace") for x in (stdout, stderr))
+        if timed_out:
+            raise ExpertError(f"`{shown}` took longer than {timeout:g} s and was stopped; stderr: ...{stderr[-500:]}")
+        if process.returncode:
+            raise ExpertError(f"`{shown}` exited with status {process.returncode}; stderr: ...{stderr[-500:]}")
+        return read_answer(stdout, files, texts, f"the output of `{shown}`", stderr)
 
 
 def ask_person(name, timeout, restored, feedback, texts, stage, run_dir):
     """A person judges the stage: each image is shown beside the previous stage's (or the degraded input), in
     runs/<name>/human/stage_<i>/, and answers in the terminal or in answer.json there."""
     folder = Path(run_dir) / "human" / f"stage_{stage}"
-    files = [f"{Path(item['name']).stem}.png" for item in feedback]
+    files = file_names(feedback)
     for file, out, item in zip(files, restored, feedback):
         previous = Path(run_dir) / "feedback" / f"stage_{stage - 1}" / "images" / file
         if stage > 0 and previous.exists():

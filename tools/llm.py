@@ -4,18 +4,20 @@ Both take the chats of one stage and return one reply each: `generate(conversati
 agent.constrained the reply is forced into a well-formed Weights line (a logits processor for transformers,
 vLLM's guided_regex for a server). A server that cannot answer raises AgentError, and the stage falls back.
 """
+import http.client
 import json
 import os
 import re
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from tools.configurator import ConfigError
 from tools.doctor import resolve_model_path
+
+MAX_REPLY_BYTES = 2**24  # a chat answer is kilobytes; a server sending more is broken
 
 
 class AgentError(RuntimeError):
@@ -137,6 +139,9 @@ class OpenAILLM:
             raise ConfigError("agent.base_url is empty and $OPENAI_BASE_URL is not set: give the server's URL, "
                               "e.g. http://127.0.0.1:8000/v1")
         self.url = base.rstrip("/") + "/chat/completions"
+        parts = urllib.parse.urlsplit(self.url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"agent.base_url = {base!r} is not a server URL: write it like http://127.0.0.1:8000/v1")
         self.key = cfg.api_key or os.environ.get("OPENAI_API_KEY", "")
         self.cfg = cfg
         number = r"\d{1,3}(\.\d{1,4})?"
@@ -145,6 +150,41 @@ class OpenAILLM:
 
     def to(self, device):
         pass
+
+    def post(self, body, headers):
+        """One request, whole within agent.timeout seconds: connecting, the status line and every read of the body
+        share that deadline, so a server that trickles its answer is cut off like one that hangs. Returns (status,
+        body bytes); a body over MAX_REPLY_BYTES is an error."""
+        deadline = time.monotonic() + self.cfg.timeout
+
+        def remaining():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no whole answer within {self.cfg.timeout:g} s")
+            return left
+
+        url = urllib.parse.urlsplit(self.url)
+        connection = (http.client.HTTPSConnection if url.scheme == "https" else http.client.HTTPConnection)(
+            url.hostname, url.port, timeout=remaining())
+        try:
+            connection.request("POST", url.path + (f"?{url.query}" if url.query else ""), json.dumps(body).encode(), headers)
+            sock = connection.sock  # the response reads from it (the connection lets go of it when the server closes)
+            sock.settimeout(remaining())
+            response = connection.getresponse()
+            chunks, size = [], 0
+            while True:
+                sock.settimeout(remaining())
+                chunk = response.read1(65536)
+                if not chunk:
+                    if response.length:  # the server closed before the Content-Length it announced
+                        raise http.client.IncompleteRead(b"".join(chunks), response.length)
+                    return response.status, b"".join(chunks)
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > MAX_REPLY_BYTES:
+                    raise ValueError(f"the answer is over {MAX_REPLY_BYTES} bytes")
+        finally:
+            connection.close()
 
     def ask(self, messages, seed):
         body = {"model": self.cfg.model, "messages": messages, "max_tokens": self.cfg.max_new_tokens, "seed": seed,
@@ -158,16 +198,23 @@ class OpenAILLM:
         for attempt in range(self.cfg.retries + 1):
             if attempt:
                 time.sleep(min(2 ** (attempt - 1), 30))
-            request = urllib.request.Request(self.url, json.dumps(body).encode(), headers)
             try:
-                with urllib.request.urlopen(request, timeout=self.cfg.timeout) as response:
-                    return json.load(response)["choices"][0]["message"]["content"]
-            except urllib.error.HTTPError as e:
-                error = f"HTTP {e.code}: {e.read()[:200].decode(errors='replace')}"
-                if e.code not in (408, 429) and e.code < 500:
-                    break  # a client error does not go away by retrying
-            except (OSError, ValueError, KeyError, IndexError, TypeError) as e:
-                error = f"{e.__class__.__name__}: {e}"
+                status, data = self.post(body, headers)
+                if status != 200:
+                    error = f"HTTP {status}: {data[:200].decode(errors='replace')}"
+                    if status not in (408, 429) and status < 500:
+                        break  # a client error does not go away by retrying
+                    continue
+                reply = json.loads(data)["choices"][0]["message"]["content"]
+                if not isinstance(reply, str):
+                    raise TypeError(f"the reply's content is {type(reply).__name__}, not text")
+                return reply
+            # Whatever the server or the network does, the request ends in an error record, never a crash:
+            # OSError (refused, reset, timeouts), http.client.HTTPException (a malformed status line, a body shorter
+            # than its Content-Length), ValueError (not JSON, not UTF-8), RecursionError (JSON nested too deep),
+            # and KeyError, IndexError, TypeError (JSON of another shape).
+            except (OSError, http.client.HTTPException, ValueError, RecursionError, KeyError, IndexError, TypeError) as e:
+                error = f"{e.__class__.__name__}: {str(e)[:200]}"
         raise AgentError(f"the LLM server at {self.url} failed after {attempt + 1} tries ({error}); "
                          "check that it is running and agent.base_url / agent.model are right")
 

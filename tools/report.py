@@ -1,14 +1,13 @@
 """What a run shows a person: history.json, report.md (the stage table and the format success rate),
 curves.png (weight and score curves per stage, the paper's Figure 4), experience.json, and the peak memory of
 each phase of a stage."""
-import json
 import re
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from tools.rundir import write_atomic
+from tools.rundir import attempt_folder, write_atomic, write_json
 
 
 def fmt(x):
@@ -35,6 +34,21 @@ def score_columns(history):
     return columns
 
 
+def write_run_files(cfg, run_dir, history, finished, experts, feedback, changes):
+    """What is derived from the checkpoint after `finished` decided stages: no more attempt states of those stages,
+    and what a person reads, history.json, experience.json, curves.png, report.md. Written after every stage, and
+    again on resume, so that a run killed after its checkpoint and before these files heals. `changes(before, after)`:
+    each score expert's relative change, > 0 = better (for experience.json)."""
+    for old in (run_dir / "ckpt").glob("stage_*_attempt_*.pt"):
+        if int(old.stem.split("_")[1]) <= finished:
+            old.unlink()
+    write_history(run_dir, cfg.losses.names, [item["name"] for item in feedback], experts, cfg.train.iters_per_stage,
+                  history)
+    write_experience(run_dir / "experience.json", cfg, history, changes)
+    save_plot(history, cfg.losses.names, run_dir / "curves.png")
+    write_report(run_dir, cfg, cfg.losses.names, history)
+
+
 def write_history(run_dir, names, feedback_names, experts, iters_per_stage, history):
     parse_ok, parse_total = parse_counts(history)
     summary = {"names": names, "feedback": feedback_names,
@@ -42,7 +56,7 @@ def write_history(run_dir, names, feedback_names, experts, iters_per_stage, hist
                "parse_ok": parse_ok, "parse_total": parse_total,
                "extra_iterations": iters_per_stage * sum(bool(h.get("rolled_back")) for h in history),
                "stages": history}
-    write_atomic(run_dir / "history.json", lambda p: p.write_text(json.dumps(summary, indent=1)))
+    write_json(run_dir / "history.json", summary)
 
 
 def save_plot(history, names, path):
@@ -50,6 +64,7 @@ def save_plot(history, names, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
     kept = np.array([not h.get("rolled_back") for h in history])
     stages = np.array([h["stage"] for h in history])
     experts = score_columns(history)
@@ -62,6 +77,8 @@ def save_plot(history, names, path):
             ax.plot(stages[kept], values[kept], marker="o", label=label)
             if not kept.all():  # undone attempts (reflection): crosses where they landed
                 ax.plot(stages[~kept], values[~kept], "rx", markersize=9)
+    for ax in axes[0]:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # stages are whole numbers
     axes[0, 0].set(title="loss weights", xlabel="stage", ylabel="weight")
     axes[0, 0].set_yscale("symlog", linthresh=1e-3)  # weights span decades and may be 0
     axes[0, 0].legend()
@@ -78,7 +95,8 @@ def write_report(run_dir, cfg, names, history):
     rows = [f"| {h['stage']} | {h['iteration']} | {weights_text(names, [h['weights'][n] for n in names])} | "
             + " | ".join("—" if values[i] is None else fmt(values[i]) for _, values in columns)
             + f" | {h.get('parse_ok', '')}/{h.get('parse_total', '')} | {h.get('fallback') or ''}"
-            + (" | undone |" if h.get("rolled_back") else " | |") for i, h in enumerate(history)]
+            + (" | undone" if h.get("rolled_back") else " | ")
+            + f" | [sheet](feedback/{attempt_folder(h)}/sheet.png) |" for i, h in enumerate(history)]
     parse_ok, parse_total = parse_counts(history)
     rate = f"{100 * parse_ok / parse_total:.2f}% ({parse_ok}/{parse_total})" if parse_total else "no queries"
     undone = sum(bool(h.get("rolled_back")) for h in history)
@@ -87,8 +105,8 @@ def write_report(run_dir, cfg, names, history):
     text = "\n".join([f"# {cfg.output.name}", "",
                       f"Task {cfg.task.name}, {cfg.model.arch}, agent {cfg.agent.backend} {cfg.agent.model}. "
                       f"Format success rate: {rate}.", "",
-                      f"| stage | iteration | weights | {' | '.join(experts)} | parsed | fallback | reflection |",
-                      "|" + "---|" * (6 + len(experts)), *rows, "", "![curves](curves.png)", ""])
+                      f"| stage | iteration | weights | {' | '.join(experts)} | parsed | fallback | reflection | images |",
+                      "|" + "---|" * (7 + len(experts)), *rows, "", "![curves](curves.png)", ""])
     write_atomic(run_dir / "report.md", lambda p: p.write_text(text))
     return text
 
@@ -116,7 +134,7 @@ def write_experience(path, cfg, history, changes):
     text = (f"In an earlier run ({cfg.output.name}: {cfg.task.name}, losses {':'.join(names)}):\n" + "\n".join(lines)
             if lines else "")
     summary = {"run": cfg.output.name, "names": names, "rules": rows, "text": text}
-    write_atomic(path, lambda p: p.write_text(json.dumps(summary, indent=1)))
+    write_json(path, summary)
 
 
 def peak_memory_mib(device):
@@ -132,3 +150,41 @@ def peak_memory_mib(device):
         return round(peak / 1024)
     except (OSError, AttributeError):
         return None
+
+
+def write_sheet(path, feedback, restored, scores):
+    """A stage's feedback at a glance (feedback/stage_<i>/sheet.png): per image a row of its input (enlarged to the
+    output's size), the restored image and the ground truth where there is one, at most 200 pixels high, with the
+    experts' scores written under it."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from data.images import to_8bit
+
+    def picture(t, size):  # [1, 3, h, w] in [0, 1] -> a PIL image of `size`
+        array = to_8bit(t[0].float()).mul(255).byte().permute(1, 2, 0).numpy()
+        return Image.fromarray(array).resize(size, Image.NEAREST)
+
+    font, rows = ImageFont.load_default(), []
+    for k, (item, out) in enumerate(zip(feedback, restored)):
+        h, w = out.shape[-2:]
+        scale = min(1.0, 200 / h)
+        size = (max(1, round(w * scale)), max(1, round(h * scale)))
+        panels = [picture(item["lq"], size), picture(out, size)] + ([picture(item["gt"], size)] if item["gt"] is not None else [])
+        titles = ["input", "restored"] + (["ground truth"] if item["gt"] is not None else [])
+        said = [f"{name} {fmt(s['per_image'][k])}" if "mean" in s else f"{name}: {' '.join(s['per_image'][k].split())[:60]}"
+                for name, s in scores.items()]
+        row = Image.new("RGB", (sum(p.width for p in panels) + 4 * (len(panels) - 1), size[1] + 34), "white")
+        draw, x = ImageDraw.Draw(row), 0
+        for panel, title in zip(panels, titles):
+            row.paste(panel, (x, 0))
+            draw.text((x + 2, size[1] + 2), title, fill="gray", font=font)
+            x += panel.width + 4
+        draw.text((2, size[1] + 18), f"{item['name']}: " + (", ".join(said) or "no scores"), fill="black", font=font)
+        rows.append(row)
+    sheet = Image.new("RGB", (max(r.width for r in rows), sum(r.height + 6 for r in rows)), "white")
+    y = 0
+    for row in rows:
+        sheet.paste(row, (0, y))
+        y += row.height + 6
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, lambda p: sheet.save(p, format="PNG"))
