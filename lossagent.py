@@ -767,13 +767,13 @@ class TrainingState:
     discriminator's optimizer), every rank's RNG and training pairs (RISR's pair pool). save() and load_state_dict()
     write and read all of it, so saving, resuming and rolling back are one call each."""
 
-    def __init__(self, cfg, device, ddp, rank, world):
+    def __init__(self, cfg, device, ddp, rank, world, fresh=True):
         self.device, self.ddp, self.rank, self.world, t = device, ddp, rank, world, cfg.train
         self.pairs = TrainingPairs(cfg, rank, world, device)
         # The same seed on every rank gives identical initial networks (DDP also broadcasts rank 0's).
         torch.manual_seed(t.seed)
         self.raw = build_network(cfg).to(device)
-        if cfg.model.pretrained:
+        if cfg.model.pretrained and fresh:  # a resumed run (fresh = False) loads its own checkpoint instead
             load_pretrained(self.raw, cfg.model.pretrained, key=cfg.model.pretrained_key or None, trusted=cfg.model.trusted)
         try:
             self.losses = build_loss_repository(list(cfg.losses.names), cfg.losses.options).to(device)
@@ -784,18 +784,19 @@ class TrainingState:
         self.plain_gt = {n for n, loss in self.losses.items() if not getattr(loss, "sharpened_target", True)}
         self.adversary = next((n for n, loss in self.losses.items() if hasattr(loss, "discriminator_step")), None)
         self.optimizer = torch.optim.Adam(self.raw.parameters(), lr=t.lr, betas=tuple(t.betas))
-        self.ema = copy.deepcopy(self.raw).eval().requires_grad_(False) if t.ema_decay > 0 else None
         if t.channels_last:
-            # Only the convolutions: PromptIR's prompts are 5-D parameters, which have no channels_last layout.
+            # Only the convolutions (PromptIR's 5-D prompts have no such layout); before the EMA copies the network, so
+            # that the two have the same strides, which the EMA update's multi-tensor ops need for their fast path.
             for module in [*self.raw.modules(), *self.losses.modules()]:
                 if isinstance(module, torch.nn.Conv2d):
                     module.to(memory_format=torch.channels_last)
+        self.ema = copy.deepcopy(self.raw).eval().requires_grad_(False) if t.ema_decay > 0 else None
         self.net, self.net_d = torch.compile(self.raw) if t.compile else self.raw, None
         if ddp:  # A static graph: DDP learns once which parameters get gradients (PromptIR has layers that never do)
-            # instead of searching every iteration; gradients as views of its all-reduce buckets, never copied.
+            # instead of searching every iteration (without one it must search); gradients as views of its buckets.
             ids = [device.index] if device.type == "cuda" else None
             self.net = DDP(self.net, device_ids=ids, static_graph=t.static_graph, gradient_as_bucket_view=True,
-                           find_unused_parameters=not t.static_graph and cfg.model.arch == "PromptIR")
+                           find_unused_parameters=not t.static_graph)
             if self.adversary:
                 self.net_d = DDP(self.losses[self.adversary].net_d, device_ids=ids, static_graph=t.static_graph,
                                  gradient_as_bucket_view=True)
@@ -874,6 +875,9 @@ def train_stage(cfg, state, weights, stage, attempt, log):
     return peak_memory_mib(state.device)
 
 
+# -----------------------------------------------------------------------------
+# run(): N stages of train -> judge -> reflect -> propose -> save, and the phases and resume it calls.
+
 def ask_controller(controller, history, retry, stage, attempt, run_dir, device, home):
     """The agent phase (rank 0): the controller proposes the next stage's weights, going on from the attempt the stage
     ends with (the one just undone, for a retry). Its record and this phase's peak memory go into the history entry
@@ -893,11 +897,10 @@ def undo_if_worse(cfg, state, experts, history, stage, attempt, run_dir, is_main
     """Reflection, on every rank: rank 0 decides (reflect()); every attempt's end state is kept until the stage is
     decided, so that the network, optimizers, EMA and RNG go back bit for bit to the stage's start (a retry) or to
     the end of its best attempt. Returns whether the stage is trained again."""
-    ckpt_dir = run_dir / "ckpt"
     retry, ended = broadcast(reflect(cfg, experts, history, stage, attempt) if is_main else None, state)
-    state.save(ckpt_dir / f"stage_{stage}_attempt_{attempt}.pt", is_main, stage=stage - 1, attempt=attempt)
+    state.save(run_dir / "ckpt" / f"stage_{stage}_attempt_{attempt}.pt", is_main, stage=stage - 1, attempt=attempt)
     if retry or ended != attempt:
-        path = ckpt_dir / ("last.pt" if retry else f"stage_{stage}_attempt_{ended}.pt")
+        path = run_dir / "ckpt" / ("last.pt" if retry else f"stage_{stage}_attempt_{ended}.pt")
         state.load_state_dict(torch.load(path, map_location=state.device, weights_only=True))
         if is_main:
             for h in history:
@@ -930,9 +933,6 @@ def save_stage(cfg, state, run_dir, history, weights, stage, attempt, decided, i
         keep_stage(ckpt_dir, stage - 1)
     report.write_run_files(cfg, run_dir, history, stage - 1, experts, feedback, partial(objective_changes, experts))
 
-
-# -----------------------------------------------------------------------------
-# run(): N stages of train -> judge -> reflect -> propose -> save.
 
 def resume(cfg, state, run_dir, is_main, experts, feedback):
     """The run's progress from its checkpoint, if there is one (tools/rundir.py: last.pt, or the newest intact
@@ -983,7 +983,7 @@ def run(cfg):
     if is_main:
         held = lock(run_dir)  # one run per folder, for as long as this one lives
 
-    state = TrainingState(cfg, device, ddp, rank, world)
+    state = TrainingState(cfg, device, ddp, rank, world, fresh=not (run_dir / "ckpt" / "last.pt").exists())
     # Rank 0 alone judges and asks: the feedback images, the experts and the controller. Between their phases the
     # experts' networks and the LLM wait at `home`: on the CPU with train.offload, so training has the GPU's memory.
     home = torch.device("cpu") if cfg.train.offload else device

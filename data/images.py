@@ -18,6 +18,7 @@ import os
 
 import numpy as np
 import torch
+from PIL import Image
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 SKIMAGE_PREFIX = "skimage:"
@@ -115,8 +116,6 @@ def load_image(path: str) -> np.ndarray:
         return _as_rgb(getattr(skimage.data, path[len(SKIMAGE_PREFIX) :])())
     if not os.path.isfile(path):
         raise FileNotFoundError(f"image not found: {path}")
-    from PIL import Image
-
     try:
         with Image.open(path) as im:
             # 16-bit PNGs ('I;16') do not convert to RGB meaningfully in PIL; scale them to 8 bits first.
@@ -124,12 +123,16 @@ def load_image(path: str) -> np.ndarray:
                 arr = np.asarray(im, dtype=np.float64) / 65535.0
                 return _as_rgb(arr)
             return _as_rgb(np.asarray(im.convert("RGB")))
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # PIL's ways of saying "damaged"
+    except PIL_ERRORS as e:
         raise ImageError(f"cannot read the image {path} ({e}): replace it, or remove it from the set") from None
 
 
 class ImageError(ValueError):
     """An image that cannot be decoded (truncated, damaged, not an image): a problem of the data, not of the code."""
+
+
+# PIL's ways of saying "damaged" (a decompression bomb, an image too large to trust, is an Exception of its own).
+PIL_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
 # How the files of each format end when they are whole: a PNG with its IEND chunk, a JPEG with its EOI marker.
@@ -140,8 +143,6 @@ def damaged_images(paths: list[str]) -> list[str]:
     """'path (what is wrong)' for every image of `paths` that is damaged, by a look that costs no decoding: its header
     (PIL reads it when it opens the file) and, for PNG and JPEG, how the file ends (a truncated copy lacks the end).
     Fast enough to check a whole training set (DF2K's 3450 files) before stage 0."""
-    from PIL import Image
-
     found = []
     for path in paths:
         if path.startswith(SKIMAGE_PREFIX):
@@ -155,7 +156,7 @@ def damaged_images(paths: list[str]) -> list[str]:
                     f.seek(max(0, os.path.getsize(path) - 1024))
                     if trailer not in f.read():
                         found.append(f"{path} (truncated: it does not end as a whole {os.path.splitext(path)[1]} file)")
-        except (OSError, ValueError, SyntaxError) as e:
+        except PIL_ERRORS as e:
             found.append(f"{path} ({e})")
     return found
 
@@ -180,8 +181,6 @@ def to_8bit(x: torch.Tensor) -> torch.Tensor:
 
 def save_image(t: torch.Tensor, path: str) -> None:
     """Write a [3, H, W] or [1, 3, H, W] float [0, 1] tensor as an 8-bit PNG (rounded, clamped)."""
-    from PIL import Image
-
     if t.dim() == 4:
         if t.shape[0] != 1:
             raise ValueError(f"save_image takes one image, got a batch of {t.shape[0]}")

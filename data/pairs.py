@@ -31,7 +31,7 @@ class TrainingPairs:
         self.loader = torch.utils.data.DataLoader(
             SeededItems(dataset), batch_size=per_rank, drop_last=True,
             sampler=StageSampler(len(dataset), cfg.train.iters_per_stage * per_rank),
-            num_workers=cfg.train.num_workers, pin_memory=torch.cuda.is_available(),
+            num_workers=cfg.train.num_workers, pin_memory=device.type == "cuda",
             persistent_workers=cfg.train.num_workers > 0, generator=torch.Generator())
         self.degradation = RealESRGANPairs(cfg.task.scale, d.patch_size, d.pool_size, d.jpeg) if task == "risr" else None
         self.seed, self.rank, self.device = cfg.train.seed, rank, device

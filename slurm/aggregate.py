@@ -337,7 +337,7 @@ def objective_of(objective, scores, experts, fusion):
 
 def fused_reference(runs):
     """The experts (ranges, directions) and fusion settings of the fused objective, from a finished fused run."""
-    for d in sorted(runs.glob("*_seed*")) + sorted(runs.iterdir()):
+    for d in sorted(runs.iterdir()):  # every fused run holds the same settings
         if (d / "config.toml").is_file() and (d / "history.json").is_file():
             cfg = tomllib.loads((d / "config.toml").read_text())
             if cfg.get("fusion", {}).get("enabled"):

@@ -134,12 +134,11 @@ STUDIES = {
 }
 # Expected wall time of one job: iterations / it/s (for a job of `gpus` GPUs; a CPU job counts as one) + stages x
 # the per-stage cost (restore, experts, agent) + the start. The controller study's numbers were measured on this
-# project's 2-core CPU, two jobs at a time, one core each (README: "Does the agent steer?"): training jobs took 89-114 s
+# project's 2-core CPU, two jobs at a time, one core each (README: "Does the agent steer?"): training jobs took 59-114 s
 # (mean per controller), the LLM's 198 s, whose model load and per-stage replies come on top.
-SPEEDS = {"paper": dict(it_per_s=IT_PER_S, gpus=8, stage_s=STAGE_OVERHEAD_S, start_s=0, llm_stage_s=0, llm_start_s=0),
-          "controllers": dict(it_per_s={"cisr": 3.7}, gpus=1, stage_s=3, start_s=10, llm_stage_s=8.5, llm_start_s=30),
-          "controllers-paper": dict(it_per_s=IT_PER_S, gpus=8, stage_s=STAGE_OVERHEAD_S, start_s=0, llm_stage_s=0,
-                                    llm_start_s=0)}
+PAPER_SPEED = dict(it_per_s=IT_PER_S, gpus=8, stage_s=STAGE_OVERHEAD_S, start_s=0, llm_stage_s=0, llm_start_s=0)
+SPEEDS = {"paper": PAPER_SPEED, "controllers-paper": PAPER_SPEED,
+          "controllers": dict(it_per_s={"cisr": 3.7}, gpus=1, stage_s=3, start_s=10, llm_stage_s=8.5, llm_start_s=30)}
 CPU_EVAL_S = 20  # one evaluation job of the CPU study: restore and score CSet14
 # The pre-trained network and the benchmark sets of each task: its base config.
 TASK_BASE = {"cisr": "configs/base/cisr.toml", "risr": "configs/base/risr.toml", "air": "configs/base/air.toml"}

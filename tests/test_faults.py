@@ -10,10 +10,15 @@ import threading
 import time
 
 import pytest
+import torch
+from PIL import Image
 
 import lossagent
-from test_run import ROOT, read_jsonl, tiny_config
+from data.images import ImageError, damaged_images, load_image
+from test_run import ROOT, cli, read_jsonl, tiny_config
+from tools.external import ExpertError, ask_person
 from tools.llm import AgentError, OpenAILLM
+from tools.rundir import truncate_logs
 
 NAMES = ["L1", "SSIM", "GAN"]
 OK_BODY = json.dumps({"choices": [{"message": {"content": "Weights: L1:SSIM:GAN=0.5:0.2:0.02"}}]}).encode()
@@ -98,11 +103,6 @@ def test_a_trickling_server_falls_back_and_the_run_finishes(tmp_path):
     assert stage1["fallback"] == "keep" and "TimeoutError" in stage1["error"]
 
 
-def run_cli(*args, cwd=ROOT, env=None):
-    return subprocess.run([sys.executable, str(ROOT / "lossagent.py"), *args], capture_output=True, text=True, cwd=cwd,
-                          timeout=600, env=env)
-
-
 # -----------------------------------------------------------------------------
 # 10. A bad config: one line, exit 2, before stage 0.
 
@@ -117,6 +117,7 @@ BAD_CONFIGS = [
     ("", ["agent.retries=-1"], "agent.retries = -1 must be at least 0"),
     ("", ['output.name="../escape"'], "must be a plain folder name"),
     ("", ['output.name="a/b"'], "must be a plain folder name"),
+    ("", ["experts.metric=niqe"], "experts is an array of tables (1 here): set experts.<i>.metric"),
 ]
 
 
@@ -125,7 +126,7 @@ def test_a_bad_setting_is_one_line_and_exit_2_before_any_work(tmp_path, text, se
     config = tiny_config(tmp_path, backend="fixed")
     if text:
         config.write_text(text)
-    result = run_cli("--config", str(config), "--set", f"output.root={tmp_path / 'runs'}",
+    result = cli("--config", str(config), "--set", f"output.root={tmp_path / 'runs'}",
                      *[a for s in sets for a in ("--set", s)])
     assert result.returncode == 2 and message in result.stderr, result.stderr[-2000:]
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: ")
@@ -134,17 +135,17 @@ def test_a_bad_setting_is_one_line_and_exit_2_before_any_work(tmp_path, text, se
 
 def test_a_syntax_error_names_the_file_line_and_column(tmp_path):
     (tmp_path / "bad.toml").write_text('[train]\nstages = 2\nlr = = 1\n')
-    result = run_cli("--config", str(tmp_path / "bad.toml"))
+    result = cli("--config", str(tmp_path / "bad.toml"))
     assert result.returncode == 2 and f"{tmp_path / 'bad.toml'}: TOML syntax error" in result.stderr
     assert "line 3, column" in result.stderr
 
 
 def test_an_include_of_itself_and_a_file_that_is_not_utf8(tmp_path):
     (tmp_path / "loop.toml").write_text('include = "loop.toml"\n')
-    result = run_cli("--config", str(tmp_path / "loop.toml"))
+    result = cli("--config", str(tmp_path / "loop.toml"))
     assert result.returncode == 2 and "includes itself" in result.stderr and result.stderr.count("\n") == 1
     (tmp_path / "latin1.toml").write_bytes('# réglages\n[train]\nstages = 2\n'.encode("latin-1"))
-    result = run_cli("--config", str(tmp_path / "latin1.toml"))
+    result = cli("--config", str(tmp_path / "latin1.toml"))
     assert result.returncode == 2 and "is not UTF-8 text" in result.stderr and result.stderr.count("\n") == 1
 
 
@@ -155,7 +156,7 @@ def test_an_include_of_itself_and_a_file_that_is_not_utf8(tmp_path):
 def test_a_malformed_answer_falls_back_and_quotes_the_programs_stderr(tmp_path, mode):
     from test_experts import command_expert, with_experts
     config = with_experts(tmp_path, [command_expert(mode), 'metric = "psnr"'], backend="fixed", stages=1, iters=1)
-    result = run_cli("--config", str(config), "--set", f"output.root={tmp_path / 'runs'}")
+    result = cli("--config", str(config), "--set", f"output.root={tmp_path / 'runs'}")
     assert result.returncode == 0, result.stderr[-2000:]
     error = json.loads((tmp_path / "runs" / "experts" / "history.json").read_text())["stages"][1]["expert_errors"]["Brightness"]
     assert "is not JSON of the form" in error and f"stderr: ...answering {mode}" in error
@@ -167,7 +168,7 @@ def test_a_timeout_stops_the_programs_whole_process_group(tmp_path):
     expert = (f'kind = "command"\nname = "Slow"\ncommand = {json.dumps(PROGRAM + ["spawn", str(pidfile)])}\n'
               'direction = "higher"\ntimeout = 3')
     config = with_experts(tmp_path, [expert, 'metric = "psnr"'], backend="fixed", stages=1, iters=1)
-    result = run_cli("--config", str(config), "--set", f"output.root={tmp_path / 'runs'}")
+    result = cli("--config", str(config), "--set", f"output.root={tmp_path / 'runs'}")
     assert result.returncode == 0 and "took longer than 3 s" in result.stderr, result.stderr[-2000:]
     child = int(pidfile.read_text())
     time.sleep(0.5)
@@ -175,12 +176,21 @@ def test_a_timeout_stops_the_programs_whole_process_group(tmp_path):
         os.kill(child, 0)
 
 
+def test_an_answer_file_that_is_not_utf8_falls_back(tmp_path):
+    answer = tmp_path / "human" / "stage_1" / "answer.json"
+    answer.parent.mkdir(parents=True)
+    answer.write_bytes(b'{"scores": {"a.png": 1.0}}\xff\xfe')
+    feedback = [{"name": "a", "lq": torch.zeros(1, 3, 4, 4), "gt": None}]
+    with pytest.raises(ExpertError, match="answer.json is not JSON"):
+        ask_person("Person", 5, [torch.zeros(1, 3, 8, 8)], feedback, False, 1, tmp_path)
+
+
 # -----------------------------------------------------------------------------
 # 2-6. The run folder: a crash between its files, a damaged checkpoint, two runs at once, a changed rerun, an extension.
 
 def tiny_run(tmp_path, name, *extra, stages=2, backend="random", check=True):
     config = tiny_config(tmp_path, stages=stages, iters=2, backend=backend)
-    result = run_cli("--config", str(config), "--set", f"output.root={tmp_path / 'runs'}", "--set", f"output.name={name}",
+    result = cli("--config", str(config), "--set", f"output.root={tmp_path / 'runs'}", "--set", f"output.name={name}",
                      *extra)
     if check:
         assert result.returncode == 0, result.stderr[-2000:]
@@ -206,6 +216,14 @@ def test_a_rerun_after_a_crash_between_the_checkpoint_and_the_files_rewrites_the
     assert [s["stage"] for s in history["stages"]] == [0, 1, 2]
     assert {f: (whole / f).read_bytes() for f in written} == written
     assert (whole / "ckpt" / "stage_2.pt").exists() and (whole / "curves.png").read_bytes() != (one / "curves.png").read_bytes()
+
+
+def test_a_log_line_torn_by_the_kill_is_dropped_on_resume(tmp_path):
+    kept = json.dumps({"stage": 1, "attempt": 0, "loss": 0.5}) + "\n"
+    log = tmp_path / "agent.jsonl"
+    log.write_bytes(kept.encode() + json.dumps({"stage": 2, "attempt": 0, "reply": "Weights: ..."}).encode()[:30])
+    truncate_logs([log], 1, 0)
+    assert log.read_text() == kept
 
 
 def test_a_damaged_last_checkpoint_resumes_from_the_newest_intact_stage(tmp_path):
@@ -284,6 +302,16 @@ def photo(tmp_path, name, size=None, truncate=False):
     return path
 
 
+def test_an_image_too_large_to_trust_is_named_as_damaged(tmp_path, monkeypatch):
+    path = tmp_path / "huge.png"
+    Image.new("RGB", (64, 64)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 64 x 64 is then a decompression bomb, as PIL sees it
+    found = damaged_images([str(path)])
+    assert len(found) == 1 and found[0].startswith(f"{path} (") and "decompression bomb" in found[0]
+    with pytest.raises(ImageError, match="cannot read the image"):
+        load_image(str(path))
+
+
 def test_a_damaged_training_image_is_named_before_stage_0(tmp_path):
     photo(tmp_path, "whole.png")
     damaged = photo(tmp_path, "half.png", truncate=True)
@@ -307,7 +335,7 @@ def test_a_feedback_image_too_small_for_a_metric_is_named_with_its_size(tmp_path
     shutil.copy(NIQE_FILE, tmp_path / "torch" / "hub" / "pyiqa")
     small = photo(tmp_path, "small.png", size=40)  # restored x4 to 40x40 (a multiple of 4): too small for NIQE's 96 blocks
     config = tiny_config(tmp_path, stages=1, iters=1, backend="fixed")
-    result = run_cli("--config", str(config), "--set", f"output.root={tmp_path / 'runs'}", "--set", "experts.0.metric=niqe",
+    result = cli("--config", str(config), "--set", f"output.root={tmp_path / 'runs'}", "--set", "experts.0.metric=niqe",
                      "--set", f"feedback.sources=['{small}']", "--set", "feedback.count=1", env=env)
     assert result.returncode == 2 and "niqe cannot score the image small (40x40 pixels)" in result.stderr, result.stderr
     assert result.stderr.count("\n") == 1 and not (tmp_path / "runs" / "tiny" / "history.json").exists()
@@ -316,19 +344,19 @@ def test_a_feedback_image_too_small_for_a_metric_is_named_with_its_size(tmp_path
 def test_eval_mistakes_are_one_line_and_eval_json_stays_json(tmp_path):
     photo(tmp_path, "a.png", size=64)
     folder = str(tmp_path / "images")
-    result = run_cli("eval", "--images", folder, "--metrics", "psnr")
+    result = cli("eval", "--images", folder, "--metrics", "psnr")
     assert result.returncode == 2 and "give its folder with --gt" in result.stderr and result.stderr.count("\n") == 1
     (tmp_path / "gt").mkdir()
-    result = run_cli("eval", "--images", folder, "--gt", str(tmp_path / "gt"), "--metrics", "psnr")
+    result = cli("eval", "--images", folder, "--gt", str(tmp_path / "gt"), "--metrics", "psnr")
     assert result.returncode == 2 and result.stderr.count("\n") == 1  # a folder without images
     shutil.copy(tmp_path / "images" / "a.png", tmp_path / "gt" / "b.png")
-    result = run_cli("eval", "--images", folder, "--gt", str(tmp_path / "gt"), "--metrics", "psnr")
+    result = cli("eval", "--images", folder, "--gt", str(tmp_path / "gt"), "--metrics", "psnr")
     assert result.returncode == 2 and "has no image named a" in result.stderr and result.stderr.count("\n") == 1
-    result = run_cli("eval", "--images", folder, "--metrics", "no_such_metric")
+    result = cli("eval", "--images", folder, "--metrics", "no_such_metric")
     assert result.returncode == 2 and "unknown metric 'no_such_metric'" in result.stderr and result.stderr.count("\n") == 1
     shutil.copy(tmp_path / "images" / "a.png", tmp_path / "gt" / "a.png")  # identical: an infinite PSNR
     out = tmp_path / "eval.json"
-    result = run_cli("eval", "--images", folder, "--gt", str(tmp_path / "gt"), "--metrics", "psnr,ssim", "--out", str(out))
+    result = cli("eval", "--images", folder, "--gt", str(tmp_path / "gt"), "--metrics", "psnr,ssim", "--out", str(out))
     assert result.returncode == 0, result.stderr[-2000:]
     document = json.loads(out.read_text(), parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
     assert document["metrics"]["psnr"]["mean"] is None and document["metrics"]["ssim"]["mean"] == pytest.approx(1.0)

@@ -12,16 +12,11 @@ import time
 import pytest
 
 import lossagent
-from test_run import ROOT, read_jsonl, tiny_config
+from test_run import ROOT, cli, read_jsonl, tiny_config
 from tools import configurator
 
 needs_wandb = pytest.mark.skipif(importlib.util.find_spec("wandb") is None,
                                  reason="wandb is not installed (requirements-test.txt has it)")
-
-
-def cli(*args, **kwargs):
-    return subprocess.run([sys.executable, str(ROOT / "lossagent.py"), *args], capture_output=True, text=True, cwd=ROOT,
-                          timeout=600, **kwargs)
 
 
 def scalars(folder):

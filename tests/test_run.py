@@ -51,10 +51,14 @@ def tiny_config(tmp_path, name="tiny", stages=2, iters=3, log_every=1, backend="
     return path
 
 
+def cli(*args, **kwargs):
+    """`python lossagent.py *args`, as a user runs it."""
+    return subprocess.run([sys.executable, str(ROOT / "lossagent.py"), *args], capture_output=True, text=True, cwd=ROOT,
+                          timeout=900, **kwargs)
+
+
 def lossagent(config, tmp_path, *extra, **kwargs):
-    return subprocess.run([sys.executable, str(ROOT / "lossagent.py"), "--config", str(config),
-                           "--set", f"output.root={tmp_path / 'runs'}", *extra],
-                          capture_output=True, text=True, cwd=ROOT, timeout=900, **kwargs)
+    return cli("--config", str(config), "--set", f"output.root={tmp_path / 'runs'}", *extra, **kwargs)
 
 
 def read_jsonl(path):

@@ -96,5 +96,6 @@ def test_a_smoke_sized_study_runs_and_aggregates(tmp_path):
     assert [r["run"] for r in numbers["fused"]["optuna-tpe"]] == ["fused_optuna-tpe"]
     assert numbers["niqe"]["optuna-tpe"] == []
     rows = {line.split("|")[1].strip(): line for line in texts["fused"].splitlines()[4:]}
+    # The row's shape only: with one seed of a few iterations, whether TPE beats fixed is not what this test is about.
     assert set(rows) == {"fixed", "optuna-tpe"} and re.search(r"\| [01]/1 \| 1 \|$", rows["optuna-tpe"])
     assert (tmp_path / "tables" / "controllers_curves.png").stat().st_size > 10_000

@@ -84,6 +84,9 @@ def apply_override(raw, assignment, root):
             node = node.setdefault(k, [{}] if node is raw and k in arrays else {})
             if not isinstance(node, (dict, list)):
                 raise ConfigError(f"--set {dotted}: '{k}' is a value, not a table")
+    if isinstance(node, list):  # experts.metric=niqe or experts.0=...: an entry's key is experts.<i>.<key>
+        wanted = f"{keys[-2]}.{keys[-1]}.<key>" if keys[-1].isdigit() else f"{keys[-2]}.<i>.{keys[-1]}"
+        raise ConfigError(f"--set {dotted}: {keys[-2]} is an array of tables ({len(node)} here): set {wanted}")
     node[keys[-1]] = value
 
 

@@ -38,7 +38,7 @@ def write_images(folder, restored, feedback, with_gt=True):
 
 
 def read_answer(text, files, texts, source, stderr=""):
-    """The answer for each of `files`, from JSON text: descriptions (`texts`) or finite numbers."""
+    """The answer for each of `files`, from JSON (text or bytes): descriptions (`texts`) or finite numbers."""
     key = "texts" if texts else "scores"
     try:
         values = json.loads(text)[key]
@@ -120,4 +120,4 @@ def ask_person(name, timeout, restored, feedback, texts, stage, run_dir):
             raise ExpertError(f"no answer in {answer} after {timeout:g} s")
         time.sleep(1)
     time.sleep(0.2)  # let a writer finish the file
-    return read_answer(answer.read_text(), files, texts, str(answer))
+    return read_answer(answer.read_bytes(), files, texts, str(answer))

@@ -45,12 +45,17 @@ class WeightsLineProcessor:
     """A transformers logits processor: after the forced prefix 'Weights: A:B:C=', only the tokens that keep the
     text a valid weights line may come, and the end only once it is complete. So every reply parses."""
 
-    def __init__(self, tokenizer, count, min_weight, max_weight, prompt_len, eos_ids):
-        self.tokenizer, self.count, self.prompt_len, self.eos_ids = tokenizer, count, prompt_len, eos_ids
+    def __init__(self, tokenizer, pieces, count, min_weight, max_weight, prompt_len, eos_ids):
+        self.tokenizer, self.pieces, self.count = tokenizer, pieces, count
+        self.prompt_len, self.eos_ids = prompt_len, eos_ids
         self.bounds = (min_weight, max_weight)
+
+    @staticmethod
+    def digit_pieces(tokenizer):
+        """(token id, text) of the tokens that are digits, '.' and ':' only: the tokens a weights line is made of."""
         ids = sorted(tokenizer.get_vocab().values())
         texts = tokenizer.batch_decode([[i] for i in ids])
-        self.pieces = [(i, p) for i, p in zip(ids, texts) if p and set(p) <= set("0123456789.:")]
+        return [(i, p) for i, p in zip(ids, texts) if p and set(p) <= set("0123456789.:")]
 
     def __call__(self, input_ids, scores):  # input_ids [B, prompt_len + generated], scores [B, vocab]
         mask = torch.full_like(scores, float("-inf"))
@@ -91,6 +96,7 @@ class TransformersLLM:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.cfg, self.device, self.names, self.bounds = cfg, device, names, (min_weight, max_weight)
+        self.pieces = None  # the vocabulary's digit pieces, for constrained decoding
 
     def to(self, device):
         self.model.to(device)
@@ -112,7 +118,10 @@ class TransformersLLM:
         if self.cfg.constrained:
             eos = self.model.generation_config.eos_token_id
             eos_ids = eos if isinstance(eos, list) else [eos if eos is not None else self.tokenizer.eos_token_id]
-            sampling["logits_processor"] = [WeightsLineProcessor(self.tokenizer, len(self.names), *self.bounds, width, eos_ids)]
+            # Once per run: decoding the whole vocabulary (Llama-3's 128k tokens) again every stage is wasted work.
+            self.pieces = self.pieces or WeightsLineProcessor.digit_pieces(self.tokenizer)
+            sampling["logits_processor"] = [WeightsLineProcessor(self.tokenizer, self.pieces, len(self.names), *self.bounds,
+                                                                 width, eos_ids)]
             sampling["max_new_tokens"] = 7 * len(self.names) + 1  # each number has at most 6 characters
         # Sampling draws from torch's global RNG: fork it so the agent neither disturbs training
         # nor depends on it, and seed it by stage so a resumed run samples the same replies.

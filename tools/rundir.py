@@ -49,10 +49,14 @@ def truncate_logs(paths, last_stage, attempt):
     """On resume, drops the log lines of the interrupted attempt (and anything after it): what stays is what an
     uninterrupted run had written after `last_stage` and before `attempt` of the next stage."""
     def finished(line):
-        return line["stage"] <= last_stage or (line["stage"] == last_stage + 1 and line.get("attempt", 0) < attempt)
+        try:
+            record = json.loads(line)
+        except ValueError:  # a last line torn by the kill: it belongs to the interrupted attempt
+            return False
+        return record["stage"] <= last_stage or (record["stage"] == last_stage + 1 and record.get("attempt", 0) < attempt)
     for path in paths:
         if path.exists():
-            lines = [line for line in path.read_text().splitlines() if line and finished(json.loads(line))]
+            lines = [line for line in path.read_text(errors="replace").splitlines() if line and finished(line)]
             write_atomic(path, lambda p: p.write_text("".join(line + "\n" for line in lines)))
 
 

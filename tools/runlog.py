@@ -48,9 +48,9 @@ class RunLog:
         """The line of one logged iteration (`step` of the stage's attempt): the total loss, every term unweighted and
         weighted, the discriminator's terms, it/s. The tensors are read here (.item() waits for the device)."""
         line = {"stage": stage, "attempt": attempt, "iteration": iteration, "step": self.trained + step,
-                "loss": total.item(), **{n: v.item() for n, v in terms.items()},
-                "weighted": {n: weights[n] * v.item() for n, v in terms.items()},
-                **{k: v.item() for k, v in d_terms.items()}, "it_per_s": it_per_s}
+                "loss": total.item(), **{n: v.item() for n, v in terms.items()}}
+        line.update(weighted={n: weights[n] * line[n] for n in terms}, **{k: v.item() for k, v in d_terms.items()},
+                    it_per_s=it_per_s)
         append_jsonl(self.run_dir / "metrics.jsonl", [line])
         print(f"stage {stage}/{self.cfg.train.stages} iter {iteration} | loss {line['loss']:.4f} | "
               + " ".join(f"{n} {line[n]:.4f}" for n in terms) + f" | {it_per_s:.2f} it/s", flush=True)
