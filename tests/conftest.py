@@ -1,6 +1,8 @@
-"""Shared test helpers: the repository root on sys.path, and a local OpenAI-compatible chat server."""
+"""Shared test helpers: the repository root on sys.path, a local OpenAI-compatible chat server, and a TORCH_HOME with
+NIQE's model for pyiqa offline."""
 import json
 import re
+import shutil
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -58,3 +60,18 @@ def server():
     s = ChatServer(scripted_reply)
     yield s
     s.close()
+
+
+NIQE_FILE = Path(__file__).resolve().parents[2] / "shared" / "data" / "niqe_modelparameters.mat"
+
+
+@pytest.fixture
+def niqe_torch_home(tmp_path):
+    """A TORCH_HOME where pyiqa finds NIQE's model (copied from the shared data beside the checkout), so that NIQE
+    runs offline; the test is skipped when that file is not there."""
+    if not NIQE_FILE.exists():
+        pytest.skip(f"{NIQE_FILE} (NIQE's model, needed offline) is not there")
+    home = tmp_path / "torch"
+    (home / "hub" / "pyiqa").mkdir(parents=True)
+    shutil.copy(NIQE_FILE, home / "hub" / "pyiqa")
+    return home

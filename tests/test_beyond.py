@@ -2,11 +2,8 @@
 import importlib.util
 import json
 import math
-import os
-import signal
 import subprocess
 import sys
-import time
 from dataclasses import replace
 
 import numpy as np
@@ -16,7 +13,7 @@ import torch
 import lossagent
 from tools import llm
 from test_experts import PROGRAM, with_experts
-from test_run import ROOT, read_jsonl, tiny_config
+from test_run import ROOT, kill_when, read_jsonl, tiny_config
 
 
 def worsening_expert(tmp_path, values):
@@ -92,14 +89,7 @@ def test_resume_in_the_middle_of_a_retried_stage(tmp_path, server, backend):
     (tmp_path / "calls").unlink()
     cmd = base + ["--set", "output.name=killed"]
     run = tmp_path / "runs" / "killed"
-    process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    while time.time() < deadline and process.poll() is None:
-        if (run / "metrics.jsonl").exists() and any(r["stage"] == 1 and r["attempt"] == 1 for r in read_jsonl(run / "metrics.jsonl")):
-            break
-        time.sleep(0.05)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_when(cmd, run, lambda records: any(r["stage"] == 1 and r["attempt"] == 1 for r in records))
     assert int((tmp_path / "calls").read_text()) == 2, "the kill was meant to land in the retry of stage 1"
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert result.returncode == 0, result.stderr[-2000:]

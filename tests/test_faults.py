@@ -285,7 +285,6 @@ def test_extending_a_run_asks_the_controller_for_the_new_stage(tmp_path):
 # -----------------------------------------------------------------------------
 # 11. Images: damaged, too small, missing ground truth; eval.json stays JSON.
 
-NIQE_FILE = ROOT.parent / "shared" / "data" / "niqe_modelparameters.mat"
 
 
 def photo(tmp_path, name, size=None, truncate=False):
@@ -328,11 +327,8 @@ def test_a_damaged_feedback_image_is_named_before_stage_0(tmp_path):
     assert result.stderr.count("\n") == 1 and not (tmp_path / "runs" / "run" / "history.json").exists()
 
 
-@pytest.mark.skipif(not NIQE_FILE.exists(), reason=f"{NIQE_FILE} is not there (shared data beside the checkout)")
-def test_a_feedback_image_too_small_for_a_metric_is_named_with_its_size(tmp_path):
-    env = dict(os.environ, TORCH_HOME=str(tmp_path / "torch"))
-    (tmp_path / "torch" / "hub" / "pyiqa").mkdir(parents=True)
-    shutil.copy(NIQE_FILE, tmp_path / "torch" / "hub" / "pyiqa")
+def test_a_feedback_image_too_small_for_a_metric_is_named_with_its_size(tmp_path, niqe_torch_home):
+    env = dict(os.environ, TORCH_HOME=str(niqe_torch_home))
     small = photo(tmp_path, "small.png", size=40)  # restored x4 to 40x40 (a multiple of 4): too small for NIQE's 96 blocks
     config = tiny_config(tmp_path, stages=1, iters=1, backend="fixed")
     result = cli("--config", str(config), "--set", f"output.root={tmp_path / 'runs'}", "--set", "experts.0.metric=niqe",

@@ -4,15 +4,13 @@ import dataclasses
 import importlib.util
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
 import lossagent
-from test_run import ROOT, cli, read_jsonl, tiny_config
+from test_run import ROOT, cli, kill_when, read_jsonl, tiny_config
 from tools import configurator
 
 needs_wandb = pytest.mark.skipif(importlib.util.find_spec("wandb") is None,
@@ -57,14 +55,7 @@ def test_a_resumed_run_goes_on_in_the_same_tensorboard_folder_and_wandb_run(tmp_
     command = [sys.executable, str(ROOT / "lossagent.py"), "--config", str(config), "--set", f"output.root={tmp_path / 'runs'}",
                "--set", "output.tensorboard=true", "--set", 'output.wandb="lossagent-test"']
     run, env = tmp_path / "runs" / "tiny", dict(os.environ, WANDB_SILENT="true")
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    deadline = time.time() + 600
-    while time.time() < deadline and process.poll() is None:
-        if (run / "metrics.jsonl").exists() and any(r["stage"] == 2 for r in read_jsonl(run / "metrics.jsonl")):
-            break
-        time.sleep(0.05)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_when(command, run, lambda records: any(r["stage"] == 2 for r in records), env=env)
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0 and "resuming" in result.stdout, result.stderr[-3000:]
     steps = [e.step for e in scalars(run / "tb").Scalars("loss/total")]

@@ -65,6 +65,18 @@ def read_jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def kill_when(command, run, reached, **kwargs):
+    """Starts `command` and SIGKILLs it as soon as `reached(records of run/metrics.jsonl)` holds (or after 600 s)."""
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, **kwargs)
+    deadline = time.time() + 600
+    while time.time() < deadline and process.poll() is None:
+        if (run / "metrics.jsonl").exists() and reached(read_jsonl(run / "metrics.jsonl")):
+            break
+        time.sleep(0.05)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+
+
 def test_run_with_openai_server_writes_the_run_directory(tmp_path, server):
     result = lossagent(tiny_config(tmp_path, url=server.url, iters=4, log_every=2), tmp_path)
     assert result.returncode == 0, result.stderr
@@ -111,15 +123,7 @@ def test_resume_after_kill_gives_the_same_history(tmp_path, server, workers, tas
     cmd = [sys.executable, str(ROOT / "lossagent.py"), "--config", str(config),
            "--set", f"output.root={tmp_path / 'runs'}", "--set", "output.name=killed", *settings]
     run = tmp_path / "runs" / "killed"
-    process = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    while time.time() < deadline and process.poll() is None:
-        metrics = run / "metrics.jsonl"
-        if metrics.exists() and any(r["stage"] == 2 for r in read_jsonl(metrics)):
-            break
-        time.sleep(0.05)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    kill_when(cmd, run, lambda records: any(r["stage"] == 2 for r in records))
     killed_at = json.loads((run / "history.json").read_text())
     assert [s["stage"] for s in killed_at["stages"]] == [0, 1], "the kill was meant to land inside stage 2"
 

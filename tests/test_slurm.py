@@ -25,7 +25,6 @@ import launch  # noqa: E402
 import lossagent  # noqa: E402
 from test_run import tiny_config as run_tiny_config  # noqa: E402
 
-NIQE_FILE = ROOT.parent / "shared" / "data" / "niqe_modelparameters.mat"
 CI_CONF = Path(os.environ.get("LOSSAGENT_SLURM_DIR", "/tmp/lossagent-slurm")) / "slurm.conf"
 
 # A paper config shrunk to seconds on a CPU: tiny SwinIR, no Perceptual loss (its VGG19 file is not here), images from
@@ -343,15 +342,11 @@ def launch_tiny(env, runs, only, sets, cwd=ROOT):
                           capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
 
 
-@pytest.mark.skipif(not NIQE_FILE.exists(), reason=f"{NIQE_FILE} (NIQE's model, needed offline) is not there")
-def test_launch_grid_with_preemption_evaluations_and_aggregated_tables(cluster, tmp_path):
+def test_launch_grid_with_preemption_evaluations_and_aggregated_tables(niqe_torch_home, cluster, tmp_path):
     """Two experiments as one job array, their evaluation jobs (afterok) and a ground-truth job. One training job
     is preempted (USR2, submitit's signal, also sent before the time limit): its Checkpointable requeues the same
     call, the run resumes, and its evaluation waits for the requeued job. Then aggregate.py fills Table 2."""
-    torch_home = tmp_path / "torch"
-    (torch_home / "hub" / "pyiqa").mkdir(parents=True)
-    shutil.copy(NIQE_FILE, torch_home / "hub" / "pyiqa")
-    env = {**cluster[0], "TORCH_HOME": str(torch_home)}
+    env = {**cluster[0], "TORCH_HOME": str(niqe_torch_home)}
     runs = tmp_path / "runs"
     longer = [*TINY, "train.stages=3", "train.iters_per_stage=6"]
     result = launch_tiny(env, runs, "cisr_baseline,cisr_niqe,gt_Set5", longer, cwd=tmp_path)  # from elsewhere
