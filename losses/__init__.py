@@ -50,14 +50,19 @@ def check_options(name: str, options: dict) -> None:
         raise ValueError(f"bad option(s) {', '.join(bad)} for loss '{name}'; accepted options: {', '.join(accepted) or '(none)'}")
 
 
+def check_repository(names: list[str], options: dict[str, dict]) -> None:
+    """Raises ValueError for a loss listed twice, an unknown loss (also among `options`) or an option a loss does not
+    take, before anything is built: a typo should not cost a VGG load first."""
+    if len(set(names)) != len(names):
+        raise ValueError(f"the loss repository lists a loss twice: {names}")
+    for name in dict.fromkeys([*names, *options]):
+        check_options(name, options.get(name, {}))
+
+
 def build_loss_repository(names: list[str], options: dict[str, dict] | None = None) -> nn.ModuleDict:
     """Build the losses `names` (in that order) with options[name] as each one's keyword arguments."""
     options = options or {}
-    if len(set(names)) != len(names):
-        raise ValueError(f"loss repository lists a loss twice: {names}")
-    # Check every name and option before building anything: a typo should not cost a VGG load first.
-    for name in list(names) + [n for n in options if n not in names]:
-        check_options(name, options.get(name, {}))
+    check_repository(names, options)
     return nn.ModuleDict({name: LOSSES[name](**options.get(name, {})) for name in names})
 
 
@@ -69,4 +74,5 @@ def required_files(name: str, options: dict | None = None) -> list[tuple[str, st
     return weight_files(**options) if weight_files else []
 
 
-__all__ = ["LOSSES", "accepted_options", "build_loss_repository", "check_options", "required_files", "usm_sharp"]
+__all__ = ["LOSSES", "accepted_options", "build_loss_repository", "check_options", "check_repository", "required_files",
+           "usm_sharp"]

@@ -110,6 +110,7 @@ BAD_CONFIGS = [
     ("[train\nstages = 2\n", [], "TOML syntax error"),
     ("", ['losses.names=["L1", "Foo"]', "losses.weights=[1.0, 1.0]"], "unknown loss 'Foo'"),
     ("", ["losses.options.GAN.gan_typ=1"], "bad option(s) gan_typ for loss 'GAN'"),
+    ("", ['losses.names=["L1", "L1", "GAN"]'], "losses: the loss repository lists a loss twice"),
     ("", ['losses.weights=["a", 0.1, 0.01]'], "losses.weights[0] must be float"),
     ("", ["data.train=[1, 2]"], "data.train[0] must be str"),
     ("", ["train.log_every=0"], "train.log_every = 0 must be at least 1"),

@@ -1,6 +1,6 @@
 """The checks of a config that depend on several settings (types, choices and bounds of single settings are the
 dataclasses' own, checked by tools/configurator.py), so that a bad setting fails before anything is built."""
-from losses import check_options
+from losses import check_repository
 from tools.configurator import ConfigError
 
 
@@ -14,13 +14,10 @@ def validate(cfg):
     if len(cfg.losses.names) != len(cfg.losses.weights) or not cfg.losses.names:
         raise ConfigError(f"losses.names {cfg.losses.names} and losses.weights {cfg.losses.weights} "
                           "must be non-empty lists of the same length")
-    if len(set(cfg.losses.names)) != len(cfg.losses.names):
-        raise ConfigError(f"losses.names has a repeated name: {cfg.losses.names}")
-    for name in dict.fromkeys([*cfg.losses.names, *cfg.losses.options]):
-        try:
-            check_options(name, cfg.losses.options.get(name, {}))
-        except ValueError as e:
-            raise ConfigError(f"losses: {e}") from None
+    try:
+        check_repository(cfg.losses.names, cfg.losses.options)
+    except ValueError as e:
+        raise ConfigError(f"losses: {e}") from None
     if not cfg.losses.max_weight > cfg.losses.min_weight:
         raise ConfigError(f"losses.max_weight = {cfg.losses.max_weight} must be greater than losses.min_weight")
     name = cfg.output.name
